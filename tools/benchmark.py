@@ -73,6 +73,8 @@ ALL_SCHEMES = (
 )
 # Upper bounds on the training-step time ratio, on CPU (the project's targets).
 TRAINING_TARGETS = {("mask_rcnn", "NDPP"): 1.15, ("mask_rcnn", "PWS"): 1.05}
+# Objects per synthetic image; Mask R-CNN samples exactly this many positive RoIs per image.
+OBJECTS = 16
 # A fused model's inference time over the plain model's: 1.00 within this.
 INFERENCE_TOLERANCE = 0.03
 # glibc: blocks above 64 KiB are mmap'ed and unmapped when freed (no dynamic threshold), so the
@@ -165,6 +167,14 @@ def scheme_config(workload: Workload, scheme: str, device: str, *, inference: bo
     cfg.MODEL.DEVICE = device
     # Tiny steps: the models stay near their initialisation, so every round does the same work.
     cfg.SOLVER.BASE_LR = 1e-5
+    if workload.arch == "mask_rcnn":
+        # Exactly OBJECTS positive RoIs per image (every ground-truth box is a proposal too), so
+        # the mask head, which runs on the positives only, does the same work for every model.
+        cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION = OBJECTS / cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+        # RoIAlign with an adaptive sampling ratio costs more for larger proposals, whose sizes
+        # depend on the weights: a fixed 2x2 samples per bin makes its cost the same for all.
+        cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 2
+        cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO = 2
     if inference and workload.arch == "mask_rcnn":
         cfg.MODEL.RPN.NMS_THRESH = 1.0
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
@@ -176,10 +186,10 @@ def scheme_config(workload: Workload, scheme: str, device: str, *, inference: bo
 def synthetic_batch(
     workload: Workload, num_classes: int, device: torch.device, seed: int = 0
 ) -> tuple[list[torch.Tensor], list[dict]]:
-    """``images`` noise with three filled rectangles each, and their targets.
+    """``images`` noise with :data:`OBJECTS` filled rectangles each, and their targets.
 
-    Detection targets: ``boxes``, ``labels`` (1..3 capped at ``num_classes``), ``masks``;
-    segmentation targets: ``sem_seg`` with the rectangles' class ids on background 0.
+    Detection targets: ``boxes``, ``labels`` (cycling through the ``num_classes`` classes),
+    ``masks``; segmentation targets: ``sem_seg`` with the rectangles' class ids on background 0.
     """
     generator = torch.Generator().manual_seed(seed)
     size = workload.size
@@ -188,9 +198,11 @@ def synthetic_batch(
         image = torch.rand(3, size, size, generator=generator)
         boxes, masks = [], []
         sem_seg = torch.zeros(size, size, dtype=torch.int64)
-        labels = [1 + i % num_classes for i in range(3)]
+        # Detection labels are 1..K (background apart); segmentation ids 1..K-1 (0: background).
+        foreground = num_classes - 1 if workload.arch == "deeplab" else num_classes
+        labels = [1 + i % foreground for i in range(OBJECTS)]
         for label in labels:
-            h, w = (int(v) for v in torch.randint(size // 6, size // 2, (2,), generator=generator))
+            h, w = (int(v) for v in torch.randint(size // 8, size // 3, (2,), generator=generator))
             y, x = (int(v) for v in torch.randint(0, size - max(h, w), (2,), generator=generator))
             image[label % 3, y : y + h, x : x + w] = 1.0
             mask = torch.zeros(size, size, dtype=torch.uint8)
@@ -517,8 +529,11 @@ def _workloads(args: argparse.Namespace) -> list[Workload]:
 
 
 def _schemes(args: argparse.Namespace, workload: Workload) -> list[str]:
-    """The requested schemes (canonical names), baseline first."""
-    names = [get_scheme(s).name for s in (args.schemes or ALL_SCHEMES)]
+    """The requested schemes (canonical names, options kept as written), baseline first."""
+    names = []
+    for spec in args.schemes or ALL_SCHEMES:
+        scheme = get_scheme(spec)  # raises on an unknown name or option
+        names.append(spec.strip() if scheme.options else scheme.name)
     names = [workload.baseline] + [n for n in names if n != workload.baseline]
     return list(dict.fromkeys(names))
 

@@ -203,8 +203,23 @@ def standardize(x: torch.Tensor, mode: str, eps: float) -> torch.Tensor:
     return torch.addcmul(shift.view(view), x, scale.view(view))
 
 
+def _is_exporting() -> bool:
+    """Whether a graph is being traced (ONNX export, TorchScript, torch.compile)."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def _standardize_for_inference(x: torch.Tensor, mode: str, eps: float) -> torch.Tensor:
-    """``S x`` in plain tensor operations, as exported graphs (ONNX) need them."""
+    """``S x``; in plain tensor operations when a graph is being exported (ONNX needs them).
+
+    Eagerly and without autograd, layernorm uses the training path's two reads and one write
+    per sample (:func:`_sample_mean_std`, :func:`_per_sample_affine`): 5-16x faster than the
+    plain operations' five passes and two temporaries at detection shapes on a 2-core CPU.
+    """
+    eager = not _is_exporting() and not (torch.is_grad_enabled() and x.requires_grad)
+    if mode == "layernorm" and x.shape[0] > 0 and eager:
+        mean, std = _sample_mean_std(x)
+        scale = 1.0 / (std + eps)
+        return _per_sample_affine(x, scale, -mean * scale)
     flat = x.reshape(x.shape[0], -1)
     if mode == "layernorm":
         centered = flat - flat.mean(1, keepdim=True)

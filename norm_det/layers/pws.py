@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from norm_det.layers.weight_std import plain_conv_like
+from norm_det.layers.weight_std import parametric_standardize_filters, plain_conv_like
 
 
 class PWSConv2d(nn.Conv2d):
@@ -73,13 +73,7 @@ class PWSConv2d(nn.Conv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         """``alpha_o * W_hat_o`` for every filter: ``(C_out, C_in/groups, k, k)``."""
-        flat = self.weight.flatten(1)
-        mean = flat.mean(dim=1, keepdim=True)
-        var = flat.var(dim=1, unbiased=False, keepdim=True)
-        scale = (
-            self.alpha.view(-1, 1) * math.sqrt(2.0 / self.fan_in) * torch.rsqrt(var + self.gamma)
-        )
-        return ((flat - mean) * scale).view_as(self.weight)
+        return parametric_standardize_filters(self.weight, self.alpha, gamma=self.gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)

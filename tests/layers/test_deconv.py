@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from norm_det.layers import deconv as deconv_module
 from norm_det.layers.deconv import (
     DeconvConv2d,
     DeconvConvTranspose2d,
@@ -434,3 +435,23 @@ def test_invalid_options_are_value_errors() -> None:
         DeconvLinear(4, 4, block=0)
     with pytest.raises(ValueError, match="isqrt_backend"):
         DeconvConv2d(4, 4, 3, isqrt_backend="eig")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (20, 3, 4, 4), (3, 40)])
+def test_inference_standardization_fast_path_matches_plain_operations(shape):
+    """The fused layer's eager pre-hook (no autograd) equals the exportable plain formula."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64) * 3.0 + 50.0
+    expected_flat = x.reshape(shape[0], -1)
+    expected = (expected_flat - expected_flat.mean(1, keepdim=True)) / (
+        expected_flat.std(1, keepdim=True) + 1e-5
+    )
+    with torch.inference_mode():
+        fast = deconv_module._standardize_for_inference(x, "layernorm", 1e-5)
+    with torch.enable_grad():
+        tracked = deconv_module._standardize_for_inference(
+            x.clone().requires_grad_(), "layernorm", 1e-5
+        )
+    assert torch.allclose(fast, expected.view(shape), rtol=0, atol=1e-12)
+    assert torch.allclose(tracked, expected.view(shape), rtol=0, atol=1e-12)
+    assert tracked.requires_grad  # the autograd path still differentiates

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -156,3 +159,30 @@ def test_gn_twin_keeps_its_own_weights_and_work_is_counted(tiny_presets):
     # No score threshold and no NMS: both return the cap of 100 detections per image.
     assert benchmark.work_done(benchmark.inference_step(fused, images)()) == 200
     assert benchmark.work_done(benchmark.inference_step(twin, images)()) == 200
+
+
+_PEAK_CHILD = """
+import json, torch
+from norm_det.utils.benchmark import peak_resident
+
+def step():
+    block = torch.ones(16 * 2**20)  # 64 MiB, every page touched
+    del block
+
+step()  # warm-up: the allocator's and the interpreter's one-time growth
+print(json.dumps({"peak": peak_resident(step), "idle": peak_resident(lambda: None)}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/clear_refs")
+def test_peak_resident_sees_a_step_allocation_in_a_fresh_process():
+    # In a fresh process, with large blocks handed back to the system when freed (the memory
+    # children's setting), the step's 64 MiB shows in the high-water mark and an empty step
+    # shows (almost) nothing; the test process's own heap history cannot leak in.
+    env = {**os.environ, **benchmark.MEMORY_CHILD_ENV, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_CHILD], capture_output=True, text=True, env=env, check=True
+    )
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 63 * 2**20 <= measured["peak"] < 72 * 2**20
+    assert measured["idle"] < 4 * 2**20
