@@ -71,8 +71,29 @@ def test_inference_verdict_is_one_within_three_percent():
         name: {"ms": 10.0, "cpu_ms": 10.0, "ratio": r, "cpu_ratio": r, "plain_ms": 10.0}
         for name, r in (("BN", 1.029), ("GN", 1.031), ("CZM", 0.975))
     }
-    verdicts = {row["scheme"]: row["passed"] for row in benchmark.inference_rows(timings)}
-    assert verdicts == {"BN": True, "GN": False, "CZM": True}
+    timings["NDPP"] = {**timings["GN"], "kept": "per-sample input standardization"}
+    rows = benchmark.inference_rows(timings)
+    verdicts = {row["scheme"]: row["passed"] for row in rows}
+    assert verdicts == {"BN": True, "GN": False, "CZM": True, "NDPP": None}
+    table = benchmark.inference_markdown(benchmark.PRESETS["quick"]["deeplab"], rows)
+    assert "| — (keeps per-sample input standardization) |" in table
+    assert table.count("| pass |") == 2 and table.count("| FAIL |") == 1
+
+
+@pytest.mark.parametrize(
+    ("scheme", "kept"),
+    [
+        ("FrozenBN", None),
+        ("PWS", None),
+        ("GN", "GroupNorm"),
+        ("NDPP", "per-sample input standardization"),
+        ("ND", None),
+    ],
+)
+def test_fused_models_that_keep_a_per_sample_normalization(tiny_presets, scheme, kept):
+    cfg = benchmark.scheme_config(tiny_presets["deeplab"], scheme, "cpu", inference=True)
+    fused = benchmark.fuse(benchmark.build_model(cfg))
+    assert benchmark.kept_normalization(fused) == kept
 
 
 @pytest.fixture
