@@ -147,7 +147,16 @@ class DetectionDataset(_RecordDataset):
                 [a.get("difficult", 0) for a in anns], dtype=torch.int64
             )
         if self.with_masks:
-            masks = [segmentation_to_mask(a["segmentation"], height, width) for a in anns]
+            masks = [
+                segmentation_to_mask(
+                    a["segmentation"],
+                    height,
+                    width,
+                    where=f"annotation id {a.get('id')} of image id {record['image_id']} "
+                    f"('{record['file_name']}')",
+                )
+                for a in anns
+            ]
             sample["masks"] = (
                 torch.from_numpy(np.stack(masks))
                 if masks
@@ -207,7 +216,7 @@ class SemSegDataset(_RecordDataset):
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, dict[str, Any]]:
         record, rng = self._record_and_rng(key)
         image = read_image(record["file_name"], image_id=record["image_id"])
-        labels = read_label_png(record["sem_seg_file_name"])
+        labels = read_label_png(record["sem_seg_file_name"], image_id=record["image_id"])
         if labels.shape != tuple(image.shape[-2:]):
             raise ValueError(
                 f"label file '{record['sem_seg_file_name']}' is {labels.shape[0]}x"

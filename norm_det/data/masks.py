@@ -14,12 +14,47 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 
-__all__ = ["is_rle", "mask_to_uncompressed_rle", "segmentation_to_mask", "valid_polygons"]
+__all__ = [
+    "is_rle",
+    "mask_to_uncompressed_rle",
+    "rle_problem",
+    "segmentation_to_mask",
+    "valid_polygons",
+]
 
 
 def is_rle(segmentation: Any) -> bool:
     """Whether a COCO segmentation is a run-length encoding (a dict) rather than polygons."""
     return isinstance(segmentation, dict)
+
+
+def rle_problem(segmentation: dict[str, Any], height: int, width: int) -> str | None:
+    """What is wrong with an RLE for an image of ``height`` x ``width``, or None.
+
+    An RLE needs ``"size"`` ``[H, W]`` equal to its image's (pycocotools would decode a mask of
+    another shape, or read past the counts) and ``"counts"``, a list of ints or a string.
+    """
+    size = segmentation.get("size")
+    if (
+        not isinstance(size, list | tuple)
+        or len(size) != 2
+        or any(type(s) is not int for s in size)
+    ):
+        return f"RLE 'size' is {size!r}; expected [height, width] as two ints"
+    if list(size) != [height, width]:
+        return f"RLE size {list(size)} (H, W) differs from its image's {[height, width]}"
+    counts = segmentation.get("counts")
+    if isinstance(counts, list):
+        if any(type(c) is not int or c < 0 for c in counts):
+            return "RLE 'counts' is a list holding something other than non-negative ints"
+        if sum(counts) != height * width:
+            return (
+                f"RLE 'counts' add up to {sum(counts)} pixels where its size {list(size)} has "
+                f"{height * width}"
+            )
+    elif not isinstance(counts, str | bytes):
+        return f"RLE 'counts' is a {type(counts).__name__}; expected a list of ints or a string"
+    return None
 
 
 def valid_polygons(polygons: list[list[float]]) -> tuple[list[list[float]], list[int]]:
@@ -40,22 +75,27 @@ def valid_polygons(polygons: list[list[float]]) -> tuple[list[list[float]], list
     return kept, bad
 
 
-def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+def segmentation_to_mask(
+    segmentation: Any, height: int, width: int, *, where: str = "an annotation"
+) -> np.ndarray:
     """Rasterize a COCO segmentation.
 
     Args:
         segmentation: polygons (already filtered by :func:`valid_polygons`) or an RLE dict.
         height, width: the image size; an RLE must have this size.
+        where: the annotation, for the error message (file, annotation and image id).
 
     Returns:
         (H, W) uint8 mask with values 0 and 1.
+
+    Raises:
+        ValueError: an RLE that :func:`rle_problem` rejects.
     """
     if is_rle(segmentation):
-        size = [int(s) for s in segmentation["size"]]
-        if size != [height, width]:
-            raise ValueError(
-                f"an RLE segmentation has size {size} but its image is {[height, width]} (H, W)"
-            )
+        problem = rle_problem(segmentation, height, width)
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
+        size = [height, width]
         counts = segmentation["counts"]
         rle = (
             mask_util.frPyObjects(segmentation, height, width)

@@ -3,6 +3,7 @@
 ``build_evaluator(cfg, dataset_name, output_dir)`` picks the evaluator from the dataset's
 metadata; ``inference_on_dataset(model, loader, evaluator)`` runs a model over a test loader and
 returns ``{task: {metric: value}}`` on rank 0, after gathering every process's predictions.
+What evaluation refuses to score is checked in :mod:`norm_det.evaluation.guards`.
 """
 
 from norm_det.evaluation.build import EVALUATOR_TYPES, build_evaluator, evaluator_from_metadata
@@ -20,6 +21,11 @@ from norm_det.evaluation.distributed import (
     synchronize,
 )
 from norm_det.evaluation.evaluator import DatasetEvaluator, DatasetEvaluators
+from norm_det.evaluation.guards import (
+    check_coco_results,
+    check_finite_outputs,
+    check_finite_sem_seg,
+)
 from norm_det.evaluation.inference import inference_on_dataset
 from norm_det.evaluation.pascal_voc_evaluation import PascalVOCEvaluator, voc_ap
 from norm_det.evaluation.sem_seg_evaluation import SemSegEvaluator
@@ -35,6 +41,9 @@ __all__ = [
     "SemSegEvaluator",
     "all_gather_object",
     "build_evaluator",
+    "check_coco_results",
+    "check_finite_outputs",
+    "check_finite_sem_seg",
     "evaluate_cityscapes_files",
     "evaluator_from_metadata",
     "get_rank",

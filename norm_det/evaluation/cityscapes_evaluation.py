@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from norm_det.data.cityscapes import check_same_size, instance_file
+from norm_det.data.image_io import image_size
 from norm_det.evaluation.distributed import all_gather_object, is_main_process
 from norm_det.evaluation.evaluator import (
     DatasetEvaluator,
@@ -34,6 +36,7 @@ from norm_det.evaluation.evaluator import (
     to_numpy,
     unique_by_image_id,
 )
+from norm_det.evaluation.guards import check_finite_sem_seg
 
 __all__ = [
     "LABEL_ID_TO_TRAIN_ID",
@@ -74,7 +77,9 @@ class CityscapesSemSegEvaluator(DatasetEvaluator):
     the prediction has the ground truth's size, the target's ``"sem_seg"`` must equal that file
     mapped to train ids, so a wrong pairing fails loudly; a prediction of another size (a resized
     test input) is upsampled bilinearly, as logits, to the file's size. iIoU is NaN, with a
-    warning, when the ``*_gtFine_instanceIds.png`` files are missing.
+    warning, when the ``*_gtFine_instanceIds.png`` files are missing. Logits with a NaN or inf
+    are refused, naming the image id and its ground-truth file
+    (:func:`norm_det.evaluation.guards.check_finite_sem_seg`).
 
     Args:
         gt_dir: the split's gtFine folder, e.g. ``datasets/cityscapes/gtFine/val``.
@@ -103,17 +108,26 @@ class CityscapesSemSegEvaluator(DatasetEvaluator):
         self._records = []
 
     def process(self, targets: Sequence[dict[str, Any]], outputs: Sequence[dict[str, Any]]) -> None:
-        for target, output in zip(targets, outputs, strict=True):
-            image_id = image_id_of(target)
-            gt_file = self._gt_file(target, image_id)
+        """Record one batch as label-id PNGs; NaN or inf logits are a ValueError.
+
+        Checked before the argmax, which would turn a NaN into an arbitrary class and score it.
+        """
+        image_ids = [image_id_of(target) for target in targets]
+        gt_files = [
+            self._gt_file(target, image_id)
+            for target, image_id in zip(targets, image_ids, strict=True)
+        ]
+        check_finite_sem_seg(image_ids, outputs, gt_files)
+        for image_id, gt_file, target, output in zip(
+            image_ids, gt_files, targets, outputs, strict=True
+        ):
             logits = torch.as_tensor(output["sem_seg"])
             if logits.ndim != 3 or logits.shape[0] != NUM_TRAIN_IDS:
                 raise ValueError(
                     f"image {image_id}: outputs['sem_seg'] must be ({NUM_TRAIN_IDS}, H, W) logits "
                     f"over the Cityscapes train ids, got shape {tuple(logits.shape)}"
                 )
-            with Image.open(gt_file) as gt_image:
-                width, height = gt_image.size
+            height, width = image_size(gt_file, image_id=image_id)
             if tuple(logits.shape[1:]) == (height, width):
                 self._check_pairing(target, image_id, gt_file)
             else:
@@ -139,13 +153,13 @@ class CityscapesSemSegEvaluator(DatasetEvaluator):
             logger.warning("Cityscapes evaluation: no images were processed; every metric is NaN")
             return {"sem_seg": dict.fromkeys(keys, float("nan"))}
         gt_files = [r["gt_file"] for r in records]
-        missing = [f for f in gt_files if not os.path.isfile(_instance_file(f))]
+        missing = [f for f in gt_files if not os.path.isfile(instance_file(f))]
         if missing:
             logger.warning(
                 "Cityscapes evaluation: %d ground-truth instance files are missing (e.g. '%s'); "
                 "iIoU is NaN",
                 len(missing),
-                _instance_file(missing[0]),
+                instance_file(missing[0]),
             )
         with tempfile.TemporaryDirectory(prefix="cityscapes_pred_") as tmp:
             prediction_files = []
@@ -230,9 +244,21 @@ def evaluate_cityscapes_files(
         The script's result dict (``classScores``, ``averageScoreClasses``, ...), scores in [0, 1].
 
     Raises:
-        ValueError: when the script rejects the files (it would otherwise exit the process).
+        ValueError: when a prediction, a labelIds file and (with ``instance_level``) its
+            instanceIds file differ in size (the script would fail with an IndexError deep
+            inside), naming both files and both sizes; or when the script rejects the files (it
+            would otherwise exit the process).
     """
     from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling
+
+    if len(prediction_files) != len(ground_truth_files):
+        raise ValueError(
+            f"{len(prediction_files)} prediction files for {len(ground_truth_files)} ground-truth "
+            "files; they must pair one to one"
+        )
+    for prediction, ground_truth in zip(prediction_files, ground_truth_files):
+        files = [ground_truth, *([instance_file(ground_truth)] if instance_level else [])]
+        check_same_size([*files, prediction], image_id=_core_name(ground_truth))
 
     # A private copy of the script's module-level settings, so nothing global changes.
     args = copy.copy(evalPixelLevelSemanticLabeling.args)
@@ -296,9 +322,9 @@ def _in1d(
     return np.isin(np.asarray(ar1).ravel(), ar2, assume_unique=assume_unique, invert=invert)
 
 
-def _instance_file(label_file: str) -> str:
-    # The script derives the instance file by this very replacement.
-    return label_file.replace("labelIds", "instanceIds")
+def _core_name(label_file: str) -> str:
+    """``aachen_000000_000019`` of ``.../aachen_000000_000019_gtFine_labelIds.png``."""
+    return os.path.basename(label_file).replace("_gtFine_labelIds.png", "")
 
 
 def _png_bytes(label_ids: np.ndarray) -> bytes:

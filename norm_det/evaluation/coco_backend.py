@@ -5,7 +5,9 @@ Both backends implement the same protocol (Lin et al., "Microsoft COCO", ECCV 20
 ground truth at ten IoU thresholds, crowd regions matched without being counted, 101-point
 interpolated precision. faster-coco-eval computes the matching and accumulation in C++ and
 produces the same ``eval["precision"]`` array; the metrics below are read from that array in the
-same way for both, so they agree wherever the two engines do.
+same way for both, so they agree wherever the two engines do. Where the engines would not agree
+(non-finite predictions, ground truth outside the COCO format), :mod:`norm_det.evaluation.guards`
+refuses the input, or reads it one way for both, before either runs.
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from norm_det.data.coco import read_coco_json
+from norm_det.evaluation.guards import (
+    check_coco_results,
+    check_ground_truth_for_task,
+    coco_ground_truth,
+)
 
 __all__ = [
     "COCO_BACKENDS",
     "COCO_METRICS",
     "coco_metrics",
+    "ground_truth_source",
     "load_coco_gt",
     "per_category_ap",
     "run_coco_eval",
@@ -31,6 +41,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 COCO_BACKENDS = ("pycocotools", "faster_coco_eval")
+
+# How errors name ground truth that was given as a dict rather than a file.
+IN_MEMORY_SOURCE = "<in-memory COCO ground truth>"
 
 # (key, IoU threshold or None for the mean over 0.50:0.95, area range label)
 COCO_METRICS = (
@@ -48,31 +61,41 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"COCO backend '{backend}' is not one of {COCO_BACKENDS}")
 
 
-def load_coco_gt(annotations: str | os.PathLike | dict[str, Any], backend: str) -> Any:
+def load_coco_gt(annotations: str | os.PathLike | Mapping[str, Any], backend: str) -> Any:
     """The backend's ``COCO`` API object for a ground-truth json file or an in-memory dict.
+
+    Both backends index the same checked copy (:func:`norm_det.evaluation.guards.coco_ground_truth`:
+    a missing ``iscrowd`` is read as 0; a given dict is not modified). The object remembers
+    where the ground truth came from (``norm_det_source``), so that later errors name the file.
 
     Raises:
         FileNotFoundError: when ``annotations`` is a path that does not exist.
+        ValueError: the file is not JSON or not a COCO dict, or entries lack their ids (naming
+            the file and the entries).
     """
     _check_backend(backend)
-    if not isinstance(annotations, dict):
-        path = os.fspath(annotations)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"COCO ground-truth json file '{path}' does not exist")
+    if isinstance(annotations, Mapping):
+        source, data = IN_MEMORY_SOURCE, annotations
+    else:
+        source = os.fspath(annotations)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"COCO ground-truth json file '{source}' does not exist")
+        data = read_coco_json(source)
+    dataset = coco_ground_truth(data, source)
     if backend == "faster_coco_eval":
         from faster_coco_eval import COCO
 
-        return COCO(annotations, print_function=logger.debug)
-    from pycocotools.coco import COCO
+        coco = COCO(dataset, print_function=logger.debug)
+    else:
+        from pycocotools.coco import COCO
 
-    # pycocotools prints its progress; keep it in the log instead of on stdout.
-    with _stdout_to_log():
-        if isinstance(annotations, dict):
+        # pycocotools prints its progress; keep it in the log instead of on stdout.
+        with _stdout_to_log():
             coco = COCO()
-            coco.dataset = annotations
+            coco.dataset = dataset
             coco.createIndex()
-            return coco
-        return COCO(os.fspath(annotations))
+    coco.norm_det_source = source
+    return coco
 
 
 def run_coco_eval(
@@ -86,6 +109,9 @@ def run_coco_eval(
 ) -> Any:
     """Evaluate and accumulate; returns the backend's ``COCOeval`` object.
 
+    The ground truth and the results pass :mod:`norm_det.evaluation.guards` first, so both
+    backends either score the same input or neither does.
+
     Args:
         coco_gt: from :func:`load_coco_gt` with the same ``backend``.
         results: COCO result dicts (``image_id``, ``category_id``, ``score`` and ``bbox`` XYWH or
@@ -94,12 +120,18 @@ def run_coco_eval(
         iou_type: ``"bbox"`` or ``"segm"``.
         img_ids: evaluate only these images (default: every image of ``coco_gt``).
         max_dets_per_image: detections per image kept by the matching, highest scores first.
+
+    Raises:
+        ValueError: bad arguments; ground truth without what ``iou_type`` reads; results that
+            are incomplete, for unknown images, or hold NaN or inf (see the guards).
     """
     _check_backend(backend)
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type '{iou_type}' is not 'bbox' or 'segm'")
     if not results:
         raise ValueError("run_coco_eval needs at least one detection in 'results'")
+    check_ground_truth_for_task(coco_gt.dataset, iou_type, ground_truth_source(coco_gt))
+    check_coco_results(results, iou_type, coco_gt.getImgIds())
     with _stdout_to_log():
         coco_dt = coco_gt.loadRes(results)
         if backend == "faster_coco_eval":
@@ -116,6 +148,11 @@ def run_coco_eval(
         coco_eval.evaluate()
         coco_eval.accumulate()
     return coco_eval
+
+
+def ground_truth_source(coco_gt: Any) -> str:
+    """The file a ``COCO`` object was loaded from by :func:`load_coco_gt`, for messages."""
+    return getattr(coco_gt, "norm_det_source", "the COCO ground truth given to run_coco_eval")
 
 
 def _mean_valid(precision: np.ndarray) -> float:

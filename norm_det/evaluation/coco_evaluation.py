@@ -37,6 +37,7 @@ from norm_det.evaluation.evaluator import (
     to_numpy,
     unique_by_image_id,
 )
+from norm_det.evaluation.guards import check_finite_outputs, check_ground_truth_for_task
 
 __all__ = ["COCOEvaluator", "instances_to_coco_results"]
 
@@ -53,7 +54,9 @@ class COCOEvaluator(DatasetEvaluator):
     and masks are. Only the images that were processed are evaluated (so a partial test run
     gives the AP of that subset); predictions for images the json does not contain are dropped
     with a warning. With no detections at all every metric is NaN, with a warning, as in
-    detectron2.
+    detectron2. What it refuses to score (docs/evaluation.md): predictions with a NaN or inf box,
+    score or mask (in :meth:`process`), ground truth without what a task reads (in
+    :meth:`evaluate`, before any task is scored); ground truth without ``iscrowd`` is read as 0.
 
     Args:
         json_file: the ground-truth annotations (images, annotations with ``iscrowd``,
@@ -70,6 +73,8 @@ class COCOEvaluator(DatasetEvaluator):
 
     Raises:
         FileNotFoundError: ``json_file`` does not exist.
+        ValueError: in :meth:`process` and :meth:`evaluate`, naming the images or the json file
+            and its ids (see :mod:`norm_det.evaluation.guards`).
     """
 
     def __init__(
@@ -133,12 +138,19 @@ class COCOEvaluator(DatasetEvaluator):
         self._predictions = []
 
     def process(self, targets: Sequence[dict[str, Any]], outputs: Sequence[dict[str, Any]]) -> None:
-        for target, output in zip(targets, outputs, strict=True):
+        """Record one batch; a prediction with a NaN or inf box, score or mask is a ValueError.
+
+        Refusing here, at the first bad batch, stops a diverged model before the rest of the
+        test set is run, and before a NaN mask probability becomes an empty mask (``> 0.5``).
+        """
+        image_ids = [image_id_of(target) for target in targets]
+        check_finite_outputs(image_ids, outputs)
+        for image_id, target, output in zip(image_ids, targets, outputs, strict=True):
             if "size" in target and "orig_size" in target:
                 # The ground truth is in the pixels of the image file, not of the resized input.
                 output = rescale_to_original(output, target)
             record: dict[str, Any] = {
-                "image_id": image_id_of(target),
+                "image_id": image_id,
                 "boxes": to_numpy(output["boxes"]).astype(np.float64).reshape(-1, 4),
                 "scores": to_numpy(output["scores"]).astype(np.float64).reshape(-1),
                 "labels": to_numpy(output["labels"]).astype(np.int64).reshape(-1),
@@ -155,6 +167,9 @@ class COCOEvaluator(DatasetEvaluator):
         coco_gt = self._ground_truth()
         records = self._drop_unknown_images(records, coco_gt)
         tasks = self.tasks or (("bbox", "segm") if any("rles" in r for r in records) else ("bbox",))
+        for task in tasks:
+            # Before any task is scored: a json without masks fails at once, not after bbox.
+            check_ground_truth_for_task(coco_gt.dataset, task, self.json_file)
         contiguous_to_dataset_id = self._contiguous_to_dataset_id(coco_gt)
         self._check_mask_sizes(records, coco_gt, tasks)
 
@@ -257,7 +272,10 @@ class COCOEvaluator(DatasetEvaluator):
 
     def _class_names(self, coco_gt: Any, contiguous_to_dataset_id: dict[int, int]) -> dict:
         if self.thing_classes is None:
-            return {int(c["id"]): c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
+            return {
+                int(c["id"]): str(c.get("name", c["id"]))
+                for c in coco_gt.loadCats(coco_gt.getCatIds())
+            }
         return {
             contiguous_to_dataset_id[i + 1]: name
             for i, name in enumerate(self.thing_classes)

@@ -7,11 +7,17 @@ marked *difficult* (the detection is ignored: neither true nor false positive); 
 not count as positives. AP is the VOC2007 11-point interpolated precision or, from VOC2010 on, the
 area under the monotone precision envelope.
 
-Ground truth comes from the targets the loader yields (``"boxes"``, ``"labels"``, optional
-``"difficult"``), so VOC-layout and synthetic sets are evaluated alike. Boxes are continuous
-coordinates and IoU has no ``+1``: a loader that turns the XML's 1-based inclusive pixel indices
-into ``(xmin - 1, ymin - 1, xmax, ymax)``, as detectron2's does, gets exactly the devkit's
-overlaps.
+Ground truth is, as in the devkit, every object of the XML files as written: a box that runs past
+the image edge is scored as it is, not as the loader clips it for training
+(:func:`norm_det.data.voc.load_voc_ground_truth`, read by :meth:`PascalVOCEvaluator.from_config`
+from the dataset's ``dirname`` and ``split``); predictions made on a resized input are mapped
+back to the file's pixels first. Without such files (a dataset with ``evaluator_type`` "voc" and
+no VOC folder), the targets the loader yields (``"boxes"``, ``"labels"``, optional
+``"difficult"``) are the ground truth and predictions are compared in the loader's pixels.
+Boxes are continuous coordinates and IoU has no ``+1``: the XML's 1-based inclusive pixel indices
+become ``(xmin - 1, ymin - 1, xmax, ymax)``, as detectron2 reads them, and plain IoU on those
+equals the devkit's ``+1`` IoU on the XML's values and on detections written as
+``(x0 + 1, y0 + 1, x1, y1)``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from norm_det.data.postprocess import rescale_to_original
+from norm_det.data.voc import load_voc_ground_truth
 from norm_det.evaluation.distributed import all_gather_object, is_main_process
 from norm_det.evaluation.evaluator import (
     DatasetEvaluator,
@@ -31,6 +39,7 @@ from norm_det.evaluation.evaluator import (
     to_numpy,
     unique_by_image_id,
 )
+from norm_det.evaluation.guards import check_finite_outputs
 
 __all__ = ["PascalVOCEvaluator", "voc_ap", "voc_class_recall_precision"]
 
@@ -139,58 +148,118 @@ def voc_class_recall_precision(
 
 
 class PascalVOCEvaluator(DatasetEvaluator):
-    """VOC mAP of detections against the targets' boxes, per class and over classes.
+    """VOC mAP of detections, per class and over classes.
 
     Returns ``{"bbox": {"AP", "AP50", "AP75", "AP-<class>", "AP50-<class>"}}`` in percent, where
     ``AP`` averages the thresholds 0.50:0.95 (detectron2's convention) and ``AP50`` is the
     classical VOC mAP. A class without non-difficult ground truth has AP NaN (with a warning) and
-    is left out of the means.
+    is left out of the means. Only the processed images are evaluated. Predictions with a NaN or
+    inf box or score are refused (:func:`norm_det.evaluation.guards.check_finite_outputs`).
 
     Args:
         class_names: ``class_names[i]`` is label ``i + 1``.
         use_07_metric: VOC2007's 11-point AP; otherwise the area under the curve (VOC2010+).
+        ground_truth: image id -> ``{"boxes": (N, 4) XYXY [xmin - 1, ymin - 1, xmax, ymax] of the
+            XML as written, "labels": (N,) in 1..K, "difficult": (N,) bool}`` and optionally
+            ``"file_name"`` (checked against the target's) and ``"xml_file"`` (named in errors), in
+            the pixels of the image files (:func:`norm_det.data.voc.load_voc_ground_truth`).
+            Predictions are mapped to those pixels by the targets' ``"size"``/``"orig_size"``.
+            None: the targets' ``"boxes"``, ``"labels"``, ``"difficult"`` are the ground truth,
+            in the pixels the loader gave the model.
     """
 
-    def __init__(self, class_names: Sequence[str], *, use_07_metric: bool = False) -> None:
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        *,
+        use_07_metric: bool = False,
+        ground_truth: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> None:
         if not class_names:
             raise ValueError("class_names is empty; VOC evaluation needs the dataset's classes")
         self.class_names = list(class_names)
         self.use_07_metric = use_07_metric
+        self.ground_truth = None if ground_truth is None else dict(ground_truth)
         self._records: list[dict[str, Any]] = []
 
     @classmethod
     def from_config(cls, cfg: Any, metadata: Mapping[str, Any]) -> PascalVOCEvaluator:
-        """Classes from metadata ``"thing_classes"``; the 11-point metric for ``"year"`` 2007."""
+        """Classes from metadata ``"thing_classes"``; the 11-point metric for ``"year"`` 2007; the
+        ground truth read from the XML files of ``"dirname"`` / ``"split"`` when the metadata
+        names them, as the devkit reads it."""
         if "thing_classes" not in metadata:
             raise ValueError(
                 f"dataset metadata has no 'thing_classes' (keys: {sorted(metadata)}); VOC "
                 "evaluation needs the class names"
             )
         year = metadata.get("year")
-        return cls(metadata["thing_classes"], use_07_metric=year is not None and int(year) == 2007)
+        ground_truth = None
+        if "dirname" in metadata and "split" in metadata:
+            ground_truth = load_voc_ground_truth(
+                metadata["dirname"], metadata["split"], class_names=metadata["thing_classes"]
+            )
+        return cls(
+            metadata["thing_classes"],
+            use_07_metric=year is not None and int(year) == 2007,
+            ground_truth=ground_truth,
+        )
 
     def reset(self) -> None:
         self._records = []
 
     def process(self, targets: Sequence[dict[str, Any]], outputs: Sequence[dict[str, Any]]) -> None:
-        for target, output in zip(targets, outputs, strict=True):
-            gt_boxes = to_numpy(target["boxes"]).astype(np.float64).reshape(-1, 4)
-            difficult = target.get("difficult")
+        """Record one batch; a prediction with a NaN or inf box or score is a ValueError.
+
+        Refused at the first bad batch, as in COCO evaluation: sorted by a NaN score, or matched
+        by a NaN IoU, a diverged model's detections would still get an AP.
+        """
+        image_ids = [image_id_of(target) for target in targets]
+        check_finite_outputs(image_ids, outputs)
+        for image_id, target, output in zip(image_ids, targets, outputs, strict=True):
+            if self.ground_truth is None:
+                gt_boxes = to_numpy(target["boxes"]).astype(np.float64).reshape(-1, 4)
+                gt_labels = to_numpy(target["labels"]).astype(np.int64).reshape(-1)
+                difficult = target.get("difficult")
+                gt_difficult = (
+                    np.zeros(len(gt_boxes), bool)
+                    if difficult is None
+                    else to_numpy(difficult).astype(bool).reshape(-1)
+                )
+            else:
+                gt = self._file_ground_truth(target, image_id)
+                gt_boxes, gt_labels, gt_difficult = gt["boxes"], gt["labels"], gt["difficult"]
+                if "size" in target and "orig_size" in target:
+                    output = rescale_to_original(output, target)
             self._records.append(
                 {
-                    "image_id": image_id_of(target),
-                    "gt_boxes": gt_boxes,
-                    "gt_labels": to_numpy(target["labels"]).astype(np.int64).reshape(-1),
-                    "gt_difficult": (
-                        np.zeros(len(gt_boxes), bool)
-                        if difficult is None
-                        else to_numpy(difficult).astype(bool).reshape(-1)
-                    ),
+                    "image_id": image_id,
+                    "gt_boxes": np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4),
+                    "gt_labels": np.asarray(gt_labels, dtype=np.int64).reshape(-1),
+                    "gt_difficult": np.asarray(gt_difficult, dtype=bool).reshape(-1),
                     "boxes": to_numpy(output["boxes"]).astype(np.float64).reshape(-1, 4),
                     "scores": to_numpy(output["scores"]).astype(np.float64).reshape(-1),
                     "labels": to_numpy(output["labels"]).astype(np.int64).reshape(-1),
                 }
             )
+
+    def _file_ground_truth(self, target: Mapping[str, Any], image_id: int) -> Mapping[str, Any]:
+        """The files' ground truth of ``image_id``, checked to be the target's image."""
+        gt = self.ground_truth.get(image_id)
+        if gt is None:
+            raise ValueError(
+                f"image id {image_id} ('{target.get('file_name', '?')}') is not in the VOC split "
+                f"this evaluator read ({len(self.ground_truth)} images); the evaluator was built "
+                "for another dataset"
+            )
+        expected = gt.get("file_name")
+        found = target.get("file_name")
+        if expected is not None and found is not None and str(found) != str(expected):
+            raise ValueError(
+                f"image id {image_id} is '{found}' in the loader's target but '{expected}' in the "
+                f"VOC split the evaluator read ('{gt.get('xml_file')}'); the evaluator was built "
+                "for another dataset"
+            )
+        return gt
 
     def evaluate(self) -> Results:
         gathered = all_gather_object(self._records)

@@ -27,6 +27,7 @@ from norm_det.evaluation.evaluator import (
     to_numpy,
     unique_by_image_id,
 )
+from norm_det.evaluation.guards import check_finite_sem_seg
 
 __all__ = ["SemSegEvaluator", "segmentation_metrics"]
 
@@ -45,6 +46,8 @@ class SemSegEvaluator(DatasetEvaluator):
     the official tools do: the logits are resized bilinearly to it
     (:func:`norm_det.data.rescale_to_original`) and the file is read and mapped to train ids.
     Otherwise the output is compared with ``targets["sem_seg"]`` at the loader's resolution.
+    Logits with a NaN or inf are refused, naming the image id and its ``"file_name"`` (else its
+    ``"sem_seg_file_name"``) (:func:`norm_det.evaluation.guards.check_finite_sem_seg`).
 
     Args:
         class_names: ``class_names[k]`` is train id ``k``; the outputs have ``len(class_names)``
@@ -92,9 +95,15 @@ class SemSegEvaluator(DatasetEvaluator):
         self._records = []
 
     def process(self, targets: Sequence[dict[str, Any]], outputs: Sequence[dict[str, Any]]) -> None:
+        """Record one batch's confusion counts; NaN or inf logits are a ValueError.
+
+        Checked before the argmax, which would turn a NaN into an arbitrary class and score it.
+        """
         num_classes = len(self.class_names)
-        for target, output in zip(targets, outputs, strict=True):
-            image_id = image_id_of(target)
+        image_ids = [image_id_of(target) for target in targets]
+        files = [target.get("file_name", target.get("sem_seg_file_name")) for target in targets]
+        check_finite_sem_seg(image_ids, outputs, files)
+        for image_id, target, output in zip(image_ids, targets, outputs, strict=True):
             logits = torch.as_tensor(output["sem_seg"])
             if logits.ndim != 3 or logits.shape[0] != num_classes:
                 raise ValueError(
@@ -104,7 +113,7 @@ class SemSegEvaluator(DatasetEvaluator):
             if _resized(target) and "sem_seg_file_name" in target:
                 logits = rescale_to_original({"sem_seg": logits}, target)["sem_seg"]
                 source = f"label file '{target['sem_seg_file_name']}'"
-                gt = self._read_train_ids(target["sem_seg_file_name"])
+                gt = self._read_train_ids(target["sem_seg_file_name"], image_id)
             else:
                 source = "targets['sem_seg']"
                 gt = to_numpy(target["sem_seg"]).astype(np.int64)
@@ -130,16 +139,17 @@ class SemSegEvaluator(DatasetEvaluator):
                 {"image_id": image_id, "cells": nonzero.astype(np.int32), "counts": counts[nonzero]}
             )
 
-    def _read_train_ids(self, path: str) -> np.ndarray:
-        labels = read_label_png(path)
+    def _read_train_ids(self, path: str, image_id: int) -> np.ndarray:
+        labels = read_label_png(path, image_id=image_id)
         if self._lut is None:
             return labels
         inside = (labels >= 0) & (labels < self._lut.size)
         train_ids = np.where(inside, self._lut[np.where(inside, labels, 0)], -1)
         if (train_ids < 0).any():
+            unmapped = np.unique(labels[train_ids < 0]).tolist()[:20]
             raise ValueError(
-                f"label file '{path}' has ids {np.unique(labels[train_ids < 0]).tolist()[:20]} "
-                "that label_id_to_train_id does not map"
+                f"label file '{path}' (image id {image_id}) has ids {unmapped} that "
+                "label_id_to_train_id does not map"
             )
         return train_ids
 

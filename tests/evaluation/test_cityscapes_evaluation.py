@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from cityscapesscripts.helpers.labels import trainId2label
+from PIL import Image
 
 from norm_det.evaluation import (
     CityscapesSemSegEvaluator,
@@ -185,3 +186,48 @@ def test_the_label_file_named_by_the_target_is_used(scenes):
         renamed.append({**t, "file_name": "elsewhere.png", "sem_seg_file_name": str(label_file)})
     by_label_file.process(renamed, outputs)
     assert by_label_file.evaluate() == by_file_name.evaluate()
+
+
+def test_label_and_instance_files_of_different_sizes_name_both_before_the_script(
+    scenes, monkeypatch
+):
+    targets, outputs, gt_dir = scenes
+    instance_file = gt_dir / "bonn" / "bonn_000000_000007_gtFine_instanceIds.png"
+    Image.fromarray(np.zeros((24, 41), np.uint16)).save(instance_file)  # labelIds are 24 x 40
+    evaluator = CityscapesSemSegEvaluator(gt_dir)
+    evaluator.process(targets, outputs)
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling
+
+    def never(*args):
+        raise AssertionError("cityscapesscripts ran on mismatched files")
+
+    monkeypatch.setattr(evalPixelLevelSemanticLabeling, "evaluateImgLists", never)
+    with pytest.raises(ValueError) as err:
+        evaluator.evaluate()
+    label_file = gt_dir / "bonn" / "bonn_000000_000007_gtFine_labelIds.png"
+    assert str(err.value) == (
+        f"image id bonn_000000_000007: '{instance_file}' is 24x41 (HxW) but '{label_file}' is "
+        "24x40; the label files of an image must have its size"
+    )
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_logits_name_the_image_and_its_file_before_the_argmax(scenes, value):
+    targets, outputs, gt_dir = scenes
+    poisoned = [{"sem_seg": o["sem_seg"].clone()} for o in outputs]
+    poisoned[1]["sem_seg"][4, 3, 5] = value
+    poisoned[1]["sem_seg"][0, 0, 0] = value
+    evaluator = CityscapesSemSegEvaluator(gt_dir)
+    evaluator.process(targets[:1], outputs[:1])
+    with pytest.raises(ValueError) as info:
+        evaluator.process(targets[1:], poisoned[1:])
+    message = str(info.value)
+    gt_file = gt_dir / "aachen" / "aachen_000000_000020_gtFine_labelIds.png"
+    assert "refusing to score model outputs with NaN or inf 'sem_seg' logits" in message
+    assert "2 pixel(s) in 1 image(s) are not finite" in message
+    assert f"image 1 ('{gt_file}'): 2 of {24 * 40} (sem_seg)" in message
+    # Nothing of the refused batch was recorded: the rest scores as without it.
+    evaluator.process(targets[1:], outputs[1:])
+    reference = CityscapesSemSegEvaluator(gt_dir)
+    reference.process(targets, outputs)
+    assert evaluator.evaluate() == reference.evaluate()

@@ -107,5 +107,5 @@ def test_a_resized_input_is_scored_against_the_label_file_at_full_size(tmp_path)
     assert m["mIoU"] == pytest.approx(100.0)
     assert m["pACC"] == pytest.approx(100.0)
     unmapped = SemSegEvaluator(["road", "car"], label_id_to_train_id={7: 0, 26: 1})
-    with pytest.raises(ValueError, match=r"x_gtFine_labelIds\.png' has ids \[0\]"):
+    with pytest.raises(ValueError, match=r"x_gtFine_labelIds\.png' \(image id 0\) has ids \[0\]"):
         unmapped.process([target], [{"sem_seg": logits}])
