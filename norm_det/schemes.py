@@ -364,8 +364,10 @@ def _gn_ws(groups: int = 32, eps: float = 1e-5, ws_eps: float = 1e-5) -> Scheme:
     "PWS",
     paper="Wang et al., Parametric Weight Standardization (variance transmission), eq. 12",
 )
-def _pws(gamma: float = 1e-4) -> Scheme:
-    return Scheme(conv=partial(PWSConv2d, gamma=gamma), norm=None)
+def _pws(gamma: float = 1e-4, init_alpha: bool = False) -> Scheme:
+    # init_alpha: the release's data-dependent alpha (variance 2 on the first training batch),
+    # here on every PWS convolution (the release spares the later convolutions of a block).
+    return Scheme(conv=partial(PWSConv2d, gamma=gamma, init_alpha=init_alpha), norm=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,10 +417,12 @@ def _nd(
     momentum: float = 0.1,
     freeze: bool = False,
     freeze_iter: int = 100,
+    freeze_schedule: str = "ndpp",
     sync: bool = True,
 ) -> Scheme:
     # Detection defaults: block 64 (convs) / 256 (linear), patch sampling every 5 pixels (COCO
     # scale; 3 at ImageNet scale), T = 5; statistics averaged over processes when there are any.
+    # freeze_schedule: "ndpp" (the ND++ release) or "iclr2020" (the Network Deconvolution code).
     return _deconv_scheme(
         "none",
         block,
@@ -429,6 +433,7 @@ def _nd(
         momentum=momentum,
         freeze=freeze,
         freeze_iter=freeze_iter,
+        freeze_schedule=freeze_schedule,
         sync=sync,
     )
 
@@ -443,6 +448,7 @@ def _ndpp(
     momentum: float = 0.1,
     freeze: bool = False,
     freeze_iter: int = 100,
+    freeze_schedule: str = "ndpp",
     sync: bool = True,
     scale_invariance: str = "layernorm",
 ) -> Scheme:
@@ -457,6 +463,7 @@ def _ndpp(
         momentum=momentum,
         freeze=freeze,
         freeze_iter=freeze_iter,
+        freeze_schedule=freeze_schedule,
         sync=sync,
     )
 

@@ -19,8 +19,8 @@ __all__ = ["deflated_fraction", "filter_magnitudes"]
 
 
 def filter_magnitudes(weight: torch.Tensor) -> torch.Tensor:
-    """L2 norm of every output filter: ``(C_out, ...) -> (C_out,)``."""
-    return torch.linalg.vector_norm(weight.detach().flatten(1), dim=1)
+    """L2 norm of every output filter, in float64: ``(C_out, ...) -> (C_out,)``."""
+    return torch.linalg.vector_norm(weight.detach().flatten(1).double(), dim=1)
 
 
 def deflated_fraction(
@@ -35,4 +35,4 @@ def deflated_fraction(
     """
     if not ratio > 0:
         raise ValueError(f"deflated_fraction: ratio must be > 0; got {ratio}")
-    return (magnitudes < ratio * reference).float().mean()
+    return (magnitudes < ratio * reference).double().mean()

@@ -13,6 +13,8 @@ only through the gradients' means, ``Delta W = LR * grad W``. Probes, per layer:
 
 ``Var_o`` is the population variance over the layer's filters; ``E`` and ``Var`` inside a filter
 run over its ``n`` elements. PWS (``E[grad W_o] = 0``, eq. 13), BN and GN suppress the shift.
+All are computed in float64 (a shift that vanishes in exact arithmetic, as under PWS, then stays
+at float64 rounding instead of float32's).
 """
 
 from __future__ import annotations
@@ -23,29 +25,30 @@ __all__ = ["average_gradient_shift", "filter_mean_shift", "filter_variance_chang
 
 
 def _filter_means(tensor: torch.Tensor) -> torch.Tensor:
-    """``(C_out, ...) -> (C_out,)``: the mean over each filter's elements."""
-    return tensor.detach().flatten(1).mean(dim=1)
+    """``(C_out, ...) -> (C_out,)``: the mean over each filter's elements, float64."""
+    return tensor.detach().flatten(1).double().mean(dim=1)
 
 
 def filter_mean_shift(weight: torch.Tensor) -> torch.Tensor:
-    """``Var_o[n E[W_o]]`` of a weight ``(C_out, C_in/groups, k, k)``: scalar."""
+    """``Var_o[n E[W_o]]`` of a weight ``(C_out, C_in/groups, k, k)``: float64 scalar."""
     n = weight[0].numel()
     return (n * _filter_means(weight)).var(unbiased=False)
 
 
 def average_gradient_shift(grad: torch.Tensor, lr: float) -> torch.Tensor:
-    """``Var_o[n E[LR * grad W_o]]`` of a gradient ``(C_out, C_in/groups, k, k)``: scalar."""
-    return filter_mean_shift(lr * grad)
+    """``Var_o[n E[LR * grad W_o]]`` of a gradient ``(C_out, C_in/groups, k, k)``: float64."""
+    return filter_mean_shift(lr * grad.detach().double())
 
 
 def filter_variance_change(weight: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
-    """``mean_o Var[W_o - LR grad W_o] / Var[W_o]`` (``weight`` before the step): scalar.
+    """``mean_o Var[W_o - LR grad W_o] / Var[W_o]`` (``weight`` before the step): float64 scalar.
 
     Filters with zero variance (constant filters) are left out of the mean.
     """
-    before = weight.detach().flatten(1).var(dim=1, unbiased=False)
-    after = (weight.detach() - lr * grad.detach()).flatten(1).var(dim=1, unbiased=False)
+    weight = weight.detach().flatten(1).double()
+    before = weight.var(dim=1, unbiased=False)
+    after = (weight - lr * grad.detach().flatten(1).double()).var(dim=1, unbiased=False)
     varying = before > 0
     if not bool(varying.any()):
-        return torch.tensor(float("nan"), device=weight.device)
+        return torch.tensor(float("nan"), dtype=torch.float64, device=weight.device)
     return (after[varying] / before[varying]).mean()

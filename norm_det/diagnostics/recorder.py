@@ -215,9 +215,15 @@ class ModelDiagnostics:
             normalize = _snd_normalizer(module)
             x = inputs[0]
             # In eval (or a BN tracking no batch statistics) the statistics are fixed: no SND.
-            if not module.training or x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] < 2:
+            if not module.training or x.dim() not in (2, 4):
                 return
-            population = x.detach().float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+            # The positions are the population ((N, C) input: the rows), in float64 like every
+            # probe, so that the whitening's Newton steps do not add float32 rounding.
+            population = x.detach().double()
+            if x.dim() == 4:
+                population = population.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+            if population.shape[0] < 2:
+                return
             value = stochastic_normalization_disturbance(
                 normalize,
                 population,

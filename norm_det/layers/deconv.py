@@ -23,7 +23,7 @@ Exactly (norm_det DESIGN, "Layer semantics"):
   (differentiably, each process weighted equally); ``D`` = ``iters`` coupled inverse-Newton
   steps on ``Cov / ||Cov||_F`` (:mod:`norm_det.layers.isqrt`); ``W' = W D`` per group and
   ``b' = b - sum W' mu``. Running averages of ``mu`` and ``D`` (``momentum``) serve in eval, and
-  in training while ``freeze`` holds the statistics.
+  in training while ``freeze`` holds the statistics (:func:`computes_statistics_at`).
 
 Where the time goes, and what keeps it small (docs/whitening.md has the measurements):
 
@@ -58,6 +58,7 @@ from norm_det.layers.distributed import all_reduce_mean, get_world_size
 from norm_det.layers.isqrt import BACKENDS, symmetric_matmul, whiten_rows
 
 SCALE_INVARIANCES = ("none", "layernorm", "l1norm")
+FREEZE_SCHEDULES = ("ndpp", "iclr2020")
 # Float32 sums of squares this many times the centred sum leave fewer than ~4 of their 7 digits
 # for the variance: such samples are recomputed centred.
 _CANCELLATION = 1e3
@@ -250,6 +251,26 @@ def _with_input_standardization(plain: nn.Module, mode: str, eps: float) -> nn.M
 # Shared machinery: block sizes, statistics, the whitening matrix, the weight transform.
 
 
+def computes_statistics_at(step: int, freeze_iter: int, schedule: str = "ndpp") -> bool:
+    """Whether training step ``step`` (the first training forward is step 1) estimates fresh
+    statistics under ``freeze``, with ``f = freeze_iter``.
+
+    - ``"ndpp"``, the ND++ release (``NormalizedDeconv``: the counter is incremented, then the
+      statistics are frozen when ``counter % (10 f) > f``): steps ``s`` with
+      ``s mod 10f <= f``, i.e. ``1..f`` and then ``f + 1`` of every ``10 f`` steps. At ``f = 1``:
+      steps 1, 10, 11, 20, 21, ...; at ``f = 2``: 1, 2, 20, 21, 22, 40, ...
+    - ``"iclr2020"``, the Network Deconvolution code (``FastDeconv``: frozen when
+      ``counter > f``, tested before the counter is incremented modulo ``10 f``): steps with
+      ``(s - 1) mod 10f <= f``, ``f + 1`` of every ``10 f``. At ``f = 1``: 1, 2, 11, 12, 21, ...;
+      at ``f = 2``: 1, 2, 3, 21, 22, 23, ...
+    """
+    if schedule == "ndpp":
+        return step % (10 * freeze_iter) <= freeze_iter
+    if schedule == "iclr2020":
+        return (step - 1) % (10 * freeze_iter) <= freeze_iter
+    raise ValueError(f"freeze_schedule must be one of {FREEZE_SCHEDULES}; got {schedule!r}")
+
+
 def resolve_block(block: int, channels: int, layer: str) -> int:
     """The block size actually used: at most ``channels``, and dividing it.
 
@@ -310,7 +331,8 @@ class _DeconvMixin:
     """Configuration, buffers and statistics shared by the three ND layers.
 
     Buffers: ``running_mean`` ``(mats, F)``, ``running_deconv`` ``(mats, F, F)`` and
-    ``num_batches_tracked`` (the freeze schedule's step counter).
+    ``num_batches_tracked`` (the freeze schedule's step counter: the number of training forwards
+    with a non-empty input, saved in the state dict so that a resumed run keeps the schedule).
     """
 
     _layout: str
@@ -326,6 +348,7 @@ class _DeconvMixin:
         scale_invariance: str,
         freeze: bool,
         freeze_iter: int,
+        freeze_schedule: str,
         sync: bool,
         isqrt_backend: str,
         device,
@@ -343,6 +366,11 @@ class _DeconvMixin:
             )
         if iters < 1 or freeze_iter < 1:
             raise ValueError(f"{layer}: iters and freeze_iter must be >= 1")
+        if freeze_schedule not in FREEZE_SCHEDULES:
+            raise ValueError(
+                f"{layer}: freeze_schedule must be one of {FREEZE_SCHEDULES}; "
+                f"got {freeze_schedule!r}"
+            )
         self.features = features
         self.iters = iters
         self.eps = eps
@@ -350,6 +378,7 @@ class _DeconvMixin:
         self.scale_invariance = scale_invariance
         self.freeze = freeze
         self.freeze_iter = freeze_iter
+        self.freeze_schedule = freeze_schedule
         self.sync = sync
         self.isqrt_backend = isqrt_backend
         factory = {"device": device, "dtype": dtype}
@@ -367,7 +396,11 @@ class _DeconvMixin:
         return (
             f", block={self.block}, iters={self.iters}, eps={self.eps}, "
             f"scale_invariance={self.scale_invariance!r}, sync={self.sync}"
-            + (f", freeze_iter={self.freeze_iter}" if self.freeze else "")
+            + (
+                f", freeze_iter={self.freeze_iter}, freeze_schedule={self.freeze_schedule!r}"
+                if self.freeze
+                else ""
+            )
         )
 
     def _computes_statistics(self, samples: int) -> bool:
@@ -377,9 +410,9 @@ class _DeconvMixin:
         self.num_batches_tracked.add_(1)
         if not self.freeze:
             return True
-        # The authors' schedule: statistics during freeze_iter of every 10 * freeze_iter steps.
-        step = int(self.num_batches_tracked) - 1
-        return step % (10 * self.freeze_iter) < self.freeze_iter
+        # Counted as the releases count: the first training forward is step 1.
+        step = int(self.num_batches_tracked)
+        return computes_statistics_at(step, self.freeze_iter, self.freeze_schedule)
 
     def _covariance(
         self, mean: torch.Tensor, outer: torch.Tensor
@@ -962,8 +995,12 @@ class DeconvConv2d(_DeconvMixin, nn.Conv2d):
         eps: added to the covariance diagonal and to the per-sample standard deviation.
         momentum: of the running mean and running ``D``.
         scale_invariance: ``"none"`` (ND), ``"layernorm"`` (ND++) or ``"l1norm"``.
-        freeze: estimate statistics only during ``freeze_iter`` of every ``10 * freeze_iter``
-            training steps, and use the running ones otherwise.
+        freeze: estimate statistics only on some training steps (``freeze_schedule``) and use
+            the running ones otherwise.
+        freeze_iter: ``f`` of the schedule: statistics on about ``f + 1`` of every ``10 f`` steps.
+        freeze_schedule: ``"ndpp"`` (the ND++ release: steps ``s`` with ``s mod 10f <= f``,
+            the first training forward being step 1) or ``"iclr2020"`` (the Network
+            Deconvolution code: ``(s - 1) mod 10f <= f``); see :func:`computes_statistics_at`.
         sync: average the statistics over the default process group (no-op without one).
         isqrt_backend: ``"auto"``, ``"matrix"`` or ``"spectral"``
             (:func:`norm_det.layers.isqrt.inverse_sqrt`).
@@ -993,6 +1030,7 @@ class DeconvConv2d(_DeconvMixin, nn.Conv2d):
         scale_invariance: str = "none",
         freeze: bool = False,
         freeze_iter: int = 100,
+        freeze_schedule: str = "ndpp",
         sync: bool = False,
         isqrt_backend: str = "auto",
     ) -> None:
@@ -1027,6 +1065,7 @@ class DeconvConv2d(_DeconvMixin, nn.Conv2d):
             scale_invariance=scale_invariance,
             freeze=freeze,
             freeze_iter=freeze_iter,
+            freeze_schedule=freeze_schedule,
             sync=sync,
             isqrt_backend=isqrt_backend,
             device=device,
@@ -1164,8 +1203,9 @@ class DeconvLinear(_DeconvMixin, nn.Linear):
         in_features, out_features, bias, device, dtype: as in ``nn.Linear``.
         block: features ``B`` per chunk (512 for classifiers, 256 in detection heads); at most
             ``in_features``, gcd fallback with a warning.
-        iters, eps, momentum, scale_invariance, freeze, freeze_iter, sync, isqrt_backend: as
-            in :class:`DeconvConv2d`; scale invariance standardizes each row of the input.
+        iters, eps, momentum, scale_invariance, freeze, freeze_iter, freeze_schedule, sync,
+            isqrt_backend: as in :class:`DeconvConv2d`; scale invariance standardizes each
+            row of the input.
 
     Shapes: ``(*, in_features)`` -> ``(*, out_features)``; every input row is a sample.
     """
@@ -1185,6 +1225,7 @@ class DeconvLinear(_DeconvMixin, nn.Linear):
         scale_invariance: str = "none",
         freeze: bool = False,
         freeze_iter: int = 100,
+        freeze_schedule: str = "ndpp",
         sync: bool = False,
         isqrt_backend: str = "auto",
     ) -> None:
@@ -1200,6 +1241,7 @@ class DeconvLinear(_DeconvMixin, nn.Linear):
             scale_invariance=scale_invariance,
             freeze=freeze,
             freeze_iter=freeze_iter,
+            freeze_schedule=freeze_schedule,
             sync=sync,
             isqrt_backend=isqrt_backend,
             device=device,
@@ -1264,7 +1306,7 @@ class DeconvConvTranspose2d(_DeconvMixin, nn.ConvTranspose2d):
         in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
             dilation, padding_mode, device, dtype: as in ``nn.ConvTranspose2d``.
         block, sampling_stride, iters, eps, momentum, scale_invariance, freeze, freeze_iter,
-            sync, isqrt_backend: as in :class:`DeconvConv2d`.
+            freeze_schedule, sync, isqrt_backend: as in :class:`DeconvConv2d`.
     """
 
     def __init__(
@@ -1290,6 +1332,7 @@ class DeconvConvTranspose2d(_DeconvMixin, nn.ConvTranspose2d):
         scale_invariance: str = "none",
         freeze: bool = False,
         freeze_iter: int = 100,
+        freeze_schedule: str = "ndpp",
         sync: bool = False,
         isqrt_backend: str = "auto",
     ) -> None:
@@ -1327,6 +1370,7 @@ class DeconvConvTranspose2d(_DeconvMixin, nn.ConvTranspose2d):
             scale_invariance=scale_invariance,
             freeze=freeze,
             freeze_iter=freeze_iter,
+            freeze_schedule=freeze_schedule,
             sync=sync,
             isqrt_backend=isqrt_backend,
             device=device,
@@ -1420,10 +1464,12 @@ class DeconvConvTranspose2d(_DeconvMixin, nn.ConvTranspose2d):
 
 
 __all__ = [
+    "FREEZE_SCHEDULES",
     "SCALE_INVARIANCES",
     "DeconvConv2d",
     "DeconvConvTranspose2d",
     "DeconvLinear",
+    "computes_statistics_at",
     "resolve_block",
     "sample_standardization",
     "second_moments",

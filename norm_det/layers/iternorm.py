@@ -11,6 +11,10 @@ each by default); per group, over the ``m = N*H*W`` positions,
 Training uses the batch's ``mu`` and whitening matrix (differentiated through, section 3.2) and
 updates running averages of both (eq. 8); eval uses the running ones, so the layer is then a
 fixed 1x1 convolution that folds into the convolution before it.
+
+Like the release's ``IterNorm`` (``extension/normailzation/iterative_normalization.py`` of
+github.com/huangleiBuaa/IterNorm-pytorch, whose ``dim`` is 4 or 2), the layer takes
+``(N, C, H, W)`` feature maps and ``(N, C)`` features (the rows are the samples, ``m = N``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from norm_det.layers.isqrt import BACKENDS, inverse_sqrt
 
 
 class IterNorm(nn.Module):
-    """Group-wise whitening of ``(N, C, H, W)`` activations with ``T`` Newton iterations.
+    """Group-wise whitening of ``(N, C, H, W)`` or ``(N, C)`` activations with ``T`` Newton
+    iterations.
 
     Args:
         num_features: channels ``C``.
@@ -38,7 +43,8 @@ class IterNorm(nn.Module):
         sync: average the batch moments over the default process group (no-op without one).
         isqrt_backend: see :func:`norm_det.layers.isqrt.inverse_sqrt`.
 
-    Shapes: ``(N, C, H, W)`` -> ``(N, C, H, W)``.
+    Shapes: ``(N, C, H, W)`` -> ``(N, C, H, W)``; ``(N, C)`` -> ``(N, C)``, computed as the
+    ``(N, C, 1, 1)`` input.
     """
 
     _abbr_ = "iternorm"
@@ -119,17 +125,19 @@ class IterNorm(nn.Module):
         return weight[:, :, None, None], bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_features:
+        if x.dim() not in (2, 4) or x.shape[1] != self.num_features:
             raise ValueError(
-                f"IterNorm({self.extra_repr()}): expected (N, {self.num_features}, H, W) input; "
-                f"got {tuple(x.shape)}"
+                f"IterNorm({self.extra_repr()}): expected (N, {self.num_features}, H, W) or "
+                f"(N, {self.num_features}) input; got {tuple(x.shape)}"
             )
+        maps = x if x.dim() == 4 else x[:, :, None, None]
         if self.training and x.numel() > 0:
-            mean, whitening = self._batch_statistics(x)
+            mean, whitening = self._batch_statistics(maps)
         else:
             mean, whitening = self.running_mean, self.running_wm
         weight, bias = self._affine_1x1(mean, whitening)
-        return F.conv2d(x, weight, bias, groups=self.num_groups)
+        out = F.conv2d(maps, weight, bias, groups=self.num_groups)
+        return out if x.dim() == 4 else out.view_as(x)
 
     @torch.no_grad()
     def folded_affine(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,14 @@ with ``Var`` the population variance of the filter's elements, ``gamma`` a fixed
 (initialised to 1, never weight-decayed) and ``beta`` the trainable bias. Because
 ``E[grad W_o] = 0`` (eq. 13) the filters keep their mean; the layer folds into a plain
 convolution for inference.
+
+``init_alpha`` is the PWS release's ``initalpha`` (``PWSConv.__first_forward`` in
+``modules/utils/pws_layer.py`` of github.com/lyxzzz/PWSConv): on the first training forward
+``alpha`` is set to ``sqrt(2 / Var(Y))``, ``Var`` the unbiased variance over *all* elements of
+that batch's output (``output.var()``, one number for every channel), so that the output starts
+with variance 2. The release's ImageNet configs (``configs/imagenet/pws.py``) turn it on; its
+ResNet blocks keep it on the stem, the shortcut convolutions and the first convolution of each
+residual block, and turn it off for the others.
 """
 
 from __future__ import annotations
@@ -20,7 +28,11 @@ import math
 import torch
 from torch import nn
 
+from norm_det.layers.distributed import all_reduce_sum
 from norm_det.layers.weight_std import parametric_standardize_filters, plain_conv_like
+
+# The variance that ``init_alpha`` gives the first training batch's output (the release's 2).
+INIT_ALPHA_TARGET_VARIANCE = 2.0
 
 
 class PWSConv2d(nn.Conv2d):
@@ -31,6 +43,13 @@ class PWSConv2d(nn.Conv2d):
             as in ``nn.Conv2d``.
         bias: learn ``beta`` (default True: PWS replaces the norm, so the layer needs its shift).
         gamma: the fixed constant added to the filter variance.
+        init_alpha: on the first training forward, scale ``alpha`` so that the batch's output
+            has unbiased variance 2 over all its elements (the release's ``initalpha``). Done
+            once: the buffer ``alpha_initialized`` (in the state dict) records it, so a reloaded
+            layer is not initialized again; :meth:`load_plain_weights` and loading a state dict
+            saved without the option set it too (the loaded ``alpha`` is kept). With several
+            processes the variance is that of the whole batch over all of them, so every
+            process gets the same ``alpha`` (the release measures each process's own).
     """
 
     _no_weight_decay = ("alpha",)
@@ -47,6 +66,7 @@ class PWSConv2d(nn.Conv2d):
         bias: bool = True,
         padding_mode: str = "zeros",
         gamma: float = 1e-4,
+        init_alpha: bool = False,
     ) -> None:
         super().__init__(
             in_channels,
@@ -60,7 +80,13 @@ class PWSConv2d(nn.Conv2d):
             padding_mode=padding_mode,
         )
         self.gamma = gamma
+        self.init_alpha = init_alpha
         self.alpha = nn.Parameter(torch.ones(out_channels))
+        if init_alpha:
+            self.register_buffer("alpha_initialized", torch.tensor(False))
+        # The buffer's value as a Python bool: reading a CUDA buffer every forward would wait
+        # for the device.
+        self._alpha_pending = init_alpha
         # He initialisation, so that Var[W] starts where the paper's experiments start.
         nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
         if self.bias is not None:
@@ -76,7 +102,62 @@ class PWSConv2d(nn.Conv2d):
         return parametric_standardize_filters(self.weight, self.alpha, gamma=self.gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._alpha_pending and self.training:
+            self._initialize_alpha(x)
         return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+    @torch.no_grad()
+    def _initialize_alpha(self, x: torch.Tensor) -> None:
+        """Scale ``alpha`` so that this batch's output has variance 2 (``init_alpha``).
+
+        ``alpha`` starts at 1, so this sets it to ``sqrt(2 / Var)`` as the release does. The
+        variance is taken of the output without the bias (the release includes its bias,
+        which both initialize to 0), in float64 and in two passes over the batch of every
+        process. A batch whose output does not vary (an all-zero input) says nothing about the
+        scale: ``alpha`` then waits for the next training batch.
+        """
+        output = self._conv_forward(x, self.standardized_weight(), None).double()
+        count_and_sum = all_reduce_sum(
+            torch.stack([output.new_tensor(output.numel()), output.sum()])
+        )
+        count, total = count_and_sum.tolist()
+        if count < 2:
+            return
+        squares = all_reduce_sum((output - total / count).square().sum())
+        variance = float(squares) / (count - 1)
+        if not math.isfinite(variance):
+            raise FloatingPointError(
+                f"{type(self).__name__}({self.extra_repr()}): init_alpha: the first training "
+                f"batch's output variance is {variance} (NaN or Inf reached this layer)"
+            )
+        if variance == 0:
+            return
+        self.alpha.mul_(math.sqrt(INIT_ALPHA_TARGET_VARIANCE / variance))
+        self._mark_alpha_initialized()
+
+    def _mark_alpha_initialized(self) -> None:
+        self.alpha_initialized.fill_(True)
+        self._alpha_pending = False
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        # A state dict of a layer with the other init_alpha setting loads: one saved without the
+        # flag carries a trained alpha (not to be initialized again), a flag this layer does not
+        # keep is dropped.
+        key = prefix + "alpha_initialized"
+        has_flag = key in state_dict
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        if self.init_alpha and not has_flag and prefix + "alpha" in state_dict:
+            self.alpha_initialized.fill_(True)
+            if key in missing_keys:
+                missing_keys.remove(key)
+        if not self.init_alpha and has_flag and key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if self.init_alpha:
+            self._alpha_pending = not bool(self.alpha_initialized)
 
     @torch.no_grad()
     def load_plain_weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -89,6 +170,8 @@ class PWSConv2d(nn.Conv2d):
         self.weight.copy_(weight)
         # W_hat_o = sqrt(2/n) * (W_o - E[W_o]) / sqrt(var + gamma): alpha undoes both factors.
         self.alpha.copy_(torch.sqrt(var + self.gamma) / math.sqrt(2.0 / self.fan_in))
+        if self.init_alpha:
+            self._mark_alpha_initialized()  # the plain layer's scale, not to be re-initialized
         if self.bias is not None:
             if bias is None:
                 self.bias.zero_()
@@ -101,4 +184,8 @@ class PWSConv2d(nn.Conv2d):
         return plain_conv_like(self, self.standardized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", gamma={self.gamma}"
+        return (
+            super().extra_repr()
+            + f", gamma={self.gamma}"
+            + (", init_alpha=True" if self.init_alpha else "")
+        )

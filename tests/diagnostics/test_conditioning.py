@@ -25,16 +25,66 @@ LAYERS = {
 
 @pytest.mark.parametrize("options", LAYERS.values(), ids=LAYERS.keys())
 def test_covariance_gives_the_layers_own_whitening(options):
+    # In float64 the layer's D and the probe's agree to rounding (~1e-16 of entries of order
+    # 1-10 after T = 5 products); 1e-10 leaves a margin that no processor's rounding reaches.
     options = {"scale_invariance": "layernorm", "sampling_stride": 1, **options}
-    layer = DeconvConv2d(8, 6, momentum=1.0, **options).train()  # running D = the batch's D
-    x = torch.randn(3, 8, 13, 11) * torch.linspace(0.5, 3.0, 8).view(1, 8, 1, 1) + 0.3
+    layer = DeconvConv2d(8, 6, momentum=1.0, **options).double().train()  # running D = batch's
+    scales = torch.linspace(0.5, 3.0, 8, dtype=torch.float64).view(1, 8, 1, 1)
+    x = torch.randn(3, 8, 13, 11, dtype=torch.float64) * scales + 0.3
     layer(x)
     tracked = layer.num_batches_tracked.clone()
     cov = deconv_covariance(layer, x)
+    assert cov.dtype == torch.float64
     torch.testing.assert_close(
-        deconv_whitening(layer, cov), layer.running_deconv, atol=1e-5, rtol=0
+        deconv_whitening(layer, cov), layer.running_deconv, atol=1e-10, rtol=0
     )
     assert torch.equal(layer.num_batches_tracked, tracked)  # the probe takes no training step
+
+
+def _hadamard(order: int) -> torch.Tensor:
+    """Sylvester's ``order x order`` matrix of +-1 with orthogonal columns (order a power of 2)."""
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < order:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)])
+    return matrix
+
+
+def _inverse_newton_scalar(value: float, iters: int) -> float:
+    """``lambda x_T^2`` of the coupled inverse Newton iteration on a normalized eigenvalue."""
+    m = value
+    for _ in range(iters):
+        m *= ((3.0 - m) / 2.0) ** 2
+    return m
+
+
+def test_condition_numbers_of_a_float32_layer_are_exact():
+    """A large mean over a small spread, in a float32 layer: the probe's covariance is exact.
+
+    The 16 pixels carry the channel vectors ``1024 + s_c h_c`` with ``h_c`` the columns 1..8 of a
+    16 x 16 Hadamard matrix (zero mean, orthogonal) and ``s_c = 2^-c``: every value is a float32
+    number, and the exact covariance is ``diag(s_c^2) + eps I``. Float32 moments cannot resolve
+    it (``E[x^2] ~ 2^20``, whose float32 spacing 2^-3 exceeds ``s_7^2 = 2^-14``): they gave a
+    wrong, possibly indefinite matrix, its condition number processor-dependent or inf. In float64
+    the centred samples are exact and the two condition numbers have closed forms.
+    """
+    scales = 2.0 ** -torch.arange(8, dtype=torch.float64)
+    pixels = 1024.0 + _hadamard(16)[:, 1:9] * scales  # (16 positions, 8 channels)
+    x = pixels.T.reshape(1, 8, 4, 4).float()
+    assert torch.equal(x.double().reshape(8, 16).T, pixels)  # exactly representable
+    layer = DeconvConv2d(8, 4, 1, block=8, sampling_stride=1, scale_invariance="none").train()
+    eps = layer.eps
+    cov = deconv_covariance(layer, x)[0]
+    expected = torch.diag(scales.square() + eps)
+    torch.testing.assert_close(cov, expected, rtol=0, atol=1e-15)
+    eigenvalues = (scales.square() + eps).tolist()
+    assert float(condition_number(cov)) == pytest.approx(
+        max(eigenvalues) / min(eigenvalues), rel=1e-12
+    )
+    # D Cov D: the scalar iteration on each eigenvalue over ||Cov||_F, times that norm.
+    norm = sum(value**2 for value in eigenvalues) ** 0.5
+    whitened = [_inverse_newton_scalar(value / norm, layer.iters) for value in eigenvalues]
+    kappa = float(condition_number(whitened_covariance(cov, deconv_whitening(layer, cov))))
+    assert kappa == pytest.approx(max(whitened) / min(whitened), rel=1e-9)
 
 
 def test_covariance_of_a_1x1_layer_by_hand():

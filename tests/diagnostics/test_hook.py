@@ -81,9 +81,12 @@ def test_on_probes_chosen_iterations_and_leaves_training_unchanged(tmp_path):
         assert torch.equal(a, b)
 
     # The layer of the toy model: conv -> GroupNorm; the norm's output is probed. In the first
-    # step GN's affine is still the identity: mean 0, variance 1 (up to eps).
+    # step GN's affine is still the identity: mean 0, variance the mean of 1 - eps / (Var + eps)
+    # over the groups (measured 0.99984). The float32 GN output errs by a few roundings of each
+    # value (4 u |y|, with |y| <= sqrt(143) in a group of 4 x 36 standardized values), which
+    # bounds the error of its mean; the probe itself sums in float64.
     first = next(r for r in records if r["iteration"] == 1 and "diag_act_mean/norm" in r)
-    assert first["diag_act_mean/norm"] == pytest.approx(0.0, abs=1e-6)
+    assert first["diag_act_mean/norm"] == pytest.approx(0.0, abs=4 * 2.0**-24 * 143**0.5)
     assert first["diag_act_var/norm"] == pytest.approx(1.0, abs=1e-3)
     at_4 = next(r for r in records if r["iteration"] == 4 and "diag_act_mean/norm" in r)
     assert {"diag_grad_shift/conv", "diag_filter_var_change/conv", "diag_deflated/all"} <= set(at_4)

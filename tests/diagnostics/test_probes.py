@@ -26,8 +26,26 @@ from norm_det.diagnostics import (
 
 def test_activation_moments_by_hand():
     mean, var = activation_moments(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert mean.dtype == var.dtype == torch.float64
     assert float(mean) == 2.5
-    assert float(var) == pytest.approx(1.25)  # ((1.5^2 + 0.5^2) * 2) / 4
+    assert float(var) == 1.25  # ((1.5^2 + 0.5^2) * 2) / 4, exact in binary
+
+
+def test_activation_moments_resolve_a_small_spread_under_a_large_mean(monkeypatch):
+    """Float32 values ``2^12 +- 2^-8``: the float64 two-pass variance is exact, 2^-16.
+
+    Float32 moments cannot resolve it (the float32 spacing at ``E[x^2] ~ 2^24`` is 2); the
+    chunked passes must give the same as one pass.
+    """
+    from norm_det.diagnostics import activations
+
+    signs = torch.tensor([1.0, -1.0]).repeat(3000)
+    x = (4096.0 + signs * 2.0**-8).float().view(2, 3, 1000)
+    assert torch.equal(x.double().unique(), torch.tensor([4096 - 2**-8, 4096 + 2**-8]).double())
+    mean, var = activation_moments(x)
+    assert float(mean) == 4096.0 and float(var) == 2.0**-16
+    monkeypatch.setattr(activations, "_CHUNK", 7)  # many chunks, the last one short
+    assert [float(v) for v in activation_moments(x)] == [4096.0, 2.0**-16]
 
 
 # --- PWS: shift of the average gradient ----------------------------------------------------
@@ -139,7 +157,9 @@ def test_group_whitening_converges_to_identity_covariance():
 
 
 def test_snd_equals_eq_10_with_the_same_draws():
-    population = torch.randn(300, 3, generator=torch.Generator().manual_seed(3))
+    # Float64 (the recorder's dtype): the two orders of summation agree to ~1e-15.
+    generator = torch.Generator().manual_seed(3)
+    population = torch.randn(300, 3, generator=generator, dtype=torch.float64)
     normalize = batch_standardization()
     value = stochastic_normalization_disturbance(
         normalize,
@@ -158,12 +178,13 @@ def test_snd_equals_eq_10_with_the_same_draws():
         outputs = [normalize(population[s], example[None])[0] for s in sets]
         mean = sum(outputs) / len(outputs)
         total += sum(float(torch.linalg.norm(o - mean)) for o in outputs) / len(outputs)
-    assert float(value) == pytest.approx(total / 7, rel=1e-5)
+    assert float(value) == pytest.approx(total / 7, rel=1e-12)
 
 
 def test_snd_shrinks_with_the_batch_size():
     """IterNorm paper, Figure 2: the larger the sample set, the smaller the disturbance."""
-    population = torch.randn(4000, 8, generator=torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    population = torch.randn(4000, 8, generator=generator, dtype=torch.float64)
     values = [
         float(
             stochastic_normalization_disturbance(
@@ -189,8 +210,10 @@ def test_condition_number_by_hand():
     matrices = torch.stack(
         [torch.diag(torch.tensor([1.0, 4.0])), torch.tensor([[2.0, 1.0], [1.0, 2.0]])]
     )
-    # Eigenvalues 1, 4 and 1, 3.
-    torch.testing.assert_close(condition_number(matrices), torch.tensor([4.0, 3.0]))
+    # Eigenvalues 1, 4 and 1, 3; the ratios are float64 whatever the input's dtype.
+    kappa = condition_number(matrices)
+    assert kappa.dtype == torch.float64
+    torch.testing.assert_close(kappa, torch.tensor([4.0, 3.0], dtype=torch.float64))
     singular = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
     assert float(condition_number(singular)) == float("inf")
 

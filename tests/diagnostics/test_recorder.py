@@ -47,9 +47,10 @@ def train_step(model, optimizer, x) -> None:
 
 
 def test_scalars_equal_the_probes_on_the_same_tensors():
-    model = small_net()
+    # In float64, so that BN's output has mean 0 to ~1e-16 (not float32's ~1e-7 rounding).
+    model = small_net().double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    x = torch.randn(2, 3, 12, 12)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
     inputs = {}
 
     def keep_input(module, args) -> None:
@@ -59,14 +60,17 @@ def test_scalars_equal_the_probes_on_the_same_tensors():
     diagnostics = ModelDiagnostics(model, snd_set_size=64, snd_examples=16)
     diagnostics.set_reference()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        channel_var = model.conv1(x).var(dim=(0, 2, 3), unbiased=False)
     diagnostics.start(optimizer, iteration=1)
     train_step(model, optimizer, x)
     scalars = diagnostics.finish()
 
-    # Activations: a norm's output stands for the conv before it (BN in training: mean 0,
-    # variance 1 - eps-ish, weight 1, bias 0 at initialisation).
-    assert scalars["diag_act_mean/bn"] == pytest.approx(0.0, abs=1e-6)
-    assert scalars["diag_act_var/bn"] == pytest.approx(1.0, abs=1e-3)
+    # Activations: a norm's output stands for the conv before it (BN in training, weight 1 and
+    # bias 0 at initialisation: mean 0 and variance mean_c Var_c / (Var_c + eps)).
+    assert scalars["diag_act_mean/bn"] == pytest.approx(0.0, abs=1e-12)
+    expected_var = float((channel_var / (channel_var + model.bn.eps)).mean())
+    assert scalars["diag_act_var/bn"] == pytest.approx(expected_var, rel=1e-12)
     with torch.no_grad():
         pws_out = model.pws(model.relu(model.bn(model.conv1(x))))
     assert float(activation_moments(pws_out)[1]) > 0
@@ -93,7 +97,7 @@ def test_scalars_equal_the_probes_on_the_same_tensors():
 
     # ND++ condition numbers of the batch the layer saw.
     cov = deconv_covariance(model.nd, inputs[model.nd])
-    assert scalars["diag_cond_cov/nd"] == pytest.approx(float(condition_number(cov)), rel=1e-4)
+    assert scalars["diag_cond_cov/nd"] == pytest.approx(float(condition_number(cov)), rel=1e-12)
     assert 1.0 <= scalars["diag_cond_whitened/nd"] < scalars["diag_cond_cov/nd"]
 
     # SND: positive for the two batch-statistics norms, none for the others.
@@ -192,10 +196,43 @@ def test_every_whitening_layer_of_a_detector_is_probed(scheme):
         assert {k.split("/", 1)[1] for k in scalars} == layers
         assert all(0 < v < 10 for v in scalars.values())
         return
-    layers = {p for p, m in model.named_modules() if isinstance(m, DeconvConv2d)}
-    assert {k.split("/", 1)[1] for k in scalars if k.startswith("diag_cond_cov/")} == layers
-    for layer in layers:
-        # T = 5 Newton steps improve the conditioning (a covariance of one sampled patch, at the
-        # tiny res5 shortcut, is eps * I: 1 before and after).
-        assert 1.0 <= scalars[f"diag_cond_whitened/{layer}"] <= scalars[f"diag_cond_cov/{layer}"]
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, DeconvConv2d)}
+    assert {k.split("/", 1)[1] for k in scalars if k.startswith("diag_cond_cov/")} == set(layers)
+    for path, layer in layers.items():
+        # T = 5 Newton steps improve the conditioning: on an eigenvalue m of Cov / ||Cov||_F a
+        # step maps m to h(m) = m (3 - m)^2 / 4, increasing with h(m) / m decreasing on (0, 1],
+        # so kappa(D Cov D) <= kappa(Cov), equal where all eigenvalues are (a covariance of one
+        # sampled patch, at the tiny res5 shortcut, is eps * I: 1 before and after). Both are
+        # float64 eigenvalue ratios of positive definite matrices (finite, >= 1 by construction);
+        # each eigenvalue errs by ~F * 2^-53 of the largest, kappa by ~F * 2^-53 * kappa.
+        cond_cov = scalars[f"diag_cond_cov/{path}"]
+        cond_whitened = scalars[f"diag_cond_whitened/{path}"]
+        rounding = 4 * layer.features * 2.0**-53 * cond_cov
+        assert 1.0 <= cond_whitened <= cond_cov * (1 + rounding), path
     assert max(v for k, v in scalars.items() if k.startswith("diag_cond_cov/")) > 1e3
+
+
+def test_snd_of_an_iternorm_on_features():
+    """IterNorm on (N, C) features: the rows are SND's population, in float64."""
+    from norm_det.diagnostics import group_whitening, stochastic_normalization_disturbance
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc=nn.Linear(6, 8), norm=IterNorm(8, group_channels=4)))
+    x = torch.randn(40, 6)
+    diagnostics = ModelDiagnostics(model, probes=["snd"], snd_set_size=16, snd_examples=8)
+    diagnostics.start(iteration=3)
+    model(x)
+    scalars = diagnostics.finish()
+    with torch.no_grad():
+        population = model.fc(x).double()
+    expected = stochastic_normalization_disturbance(
+        group_whitening(4, model.norm.iters, model.norm.eps, model.norm.isqrt_backend),
+        population,
+        num_sets=8,
+        set_size=16,
+        num_examples=8,
+        generator=torch.Generator().manual_seed(3),  # seed 0 * 1_000_003 + iteration 3
+    )
+    assert set(scalars) == {"diag_snd/norm"}
+    assert scalars["diag_snd/norm"] == pytest.approx(float(expected), rel=1e-12)
+    assert scalars["diag_snd/norm"] > 0

@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -50,6 +51,54 @@ def test_matches_algorithm_1(backend: str) -> None:
         assert torch.allclose(g, w, atol=1e-9)
 
 
+def reference_iternorm_rows(layer: IterNorm, x: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 on ``(N, C)`` features, written out in float64 numpy: the rows are the
+    ``m = N`` samples of each group of ``group_channels`` contiguous features."""
+    data = x.detach().numpy()
+    c = layer.group_channels
+    out = np.empty_like(data)
+    for g in range(data.shape[1] // c):
+        block = data[:, g * c : (g + 1) * c].T  # d x m
+        mu = block.mean(1, keepdims=True)
+        centered = block - mu
+        sigma = layer.eps * np.eye(c) + centered @ centered.T / block.shape[1]
+        trace = np.trace(sigma)
+        p = np.eye(c)
+        for _ in range(layer.iters):
+            p = 1.5 * p - 0.5 * np.linalg.matrix_power(p, 3) @ (sigma / trace)
+        out[:, g * c : (g + 1) * c] = ((p / np.sqrt(trace)) @ centered).T
+    gamma, beta = layer.weight.detach().numpy(), layer.bias.detach().numpy()
+    return torch.from_numpy(out * gamma + beta)
+
+
+def test_features_input_matches_algorithm_1_and_the_1x1_map() -> None:
+    """(N, C) input, as the release's IterNorm takes with dim=2: the rows are the samples."""
+    layer = IterNorm(12, group_channels=4, momentum=0.3).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    twin = copy.deepcopy(layer)
+    mixing = torch.randn(12, 12, dtype=torch.float64)
+    x = (torch.randn(40, 12, dtype=torch.float64) @ mixing + 2.0).requires_grad_()
+    out = layer(x)
+    assert out.shape == (40, 12)
+    torch.testing.assert_close(out.detach(), reference_iternorm_rows(layer, x), rtol=0, atol=1e-10)
+    # (N, C) is (N, C, 1, 1): same output, gradients and running statistics.
+    maps = x.detach()[:, :, None, None].requires_grad_()
+    out_maps = twin(maps)
+    torch.testing.assert_close(out, out_maps.view(40, 12), rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, x, grad)
+    (want,) = torch.autograd.grad(out_maps, maps, grad.view(40, 12, 1, 1))
+    torch.testing.assert_close(got, want.view(40, 12), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.running_mean, twin.running_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.running_wm, twin.running_wm, rtol=0, atol=1e-12)
+    layer.eval()
+    twin.eval()
+    y = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer(y), twin(y[:, :, None, None]).view(5, 12), rtol=0, atol=0)
+
+
 def test_whitens_each_group_with_many_iterations() -> None:
     layer = IterNorm(8, group_channels=4, iters=60, eps=1e-9).double()
     mixing = torch.randn(8, 8, dtype=torch.float64)
@@ -76,27 +125,29 @@ def test_running_statistics_drive_eval() -> None:
 
 
 def test_fuse_and_folded_affine_reproduce_eval() -> None:
-    norm = IterNorm(8, group_channels=4)
-    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    # Float64: fused and unfused differ by rounding only, ~1e-15 of outputs of order 1.
+    norm = IterNorm(8, group_channels=4).double()
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False).double()
     model = nn.Sequential(conv, norm)
     for _ in range(3):
-        model(torch.randn(4, 3, 7, 7))
+        model(torch.randn(4, 3, 7, 7, dtype=torch.float64))
     model.eval()
-    x = torch.randn(2, 3, 7, 7)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
     with torch.no_grad():
         expected = model(x)
         lone = norm.fuse()
         assert type(lone) is nn.Conv2d
-        assert torch.allclose(lone(conv(x)), expected, atol=1e-5)
+        assert torch.allclose(lone(conv(x)), expected, rtol=0, atol=1e-12)
         folded = fuse(copy.deepcopy(model))
         assert type(folded[0]) is nn.Conv2d and isinstance(folded[1], nn.Identity)
-        assert torch.allclose(folded(x), expected, atol=1e-5)
+        assert torch.allclose(folded(x), expected, rtol=0, atol=1e-12)
 
 
 def test_converted_resnet_fuses_exactly() -> None:
-    model = convert(torchvision.models.resnet18(num_classes=10), "IterNorm")
+    # Float64, so that "exactly" means rounding of ~1e-15 through the 20 layers, not float32's.
+    model = convert(torchvision.models.resnet18(num_classes=10), "IterNorm").double()
     assert isinstance(model.bn1, IterNorm) and model.conv1.bias is None
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         for _ in range(2):
             model(x + 0.1 * torch.randn_like(x))
@@ -106,7 +157,7 @@ def test_converted_resnet_fuses_exactly() -> None:
         fused = fuse(copy.deepcopy(model))
         got = fused(x)
     assert not any(isinstance(m, IterNorm) for m in fused.modules())
-    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-10
 
 
 def test_group_channels_fall_back_to_gcd_with_one_warning() -> None:
@@ -124,7 +175,9 @@ def test_bad_input() -> None:
     x[1, 2, 0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="IterNorm"):
         layer(x)
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError, match=r"expected \(N, 4, H, W\) or \(N, 4\).*\(2, 3, 3, 3\)"):
         layer(torch.randn(2, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"\(2, 4, 3\)"):
+        layer(torch.randn(2, 4, 3))
     empty = layer(torch.zeros(0, 4, 3, 3))
     assert empty.shape == (0, 4, 3, 3)
