@@ -241,6 +241,13 @@ _C.TEST.EVAL_PERIOD = 0
 _C.TEST.COCO_BACKEND = "pycocotools"
 # Detections kept per image: the model's output cap and COCOeval's largest maxDets.
 _C.TEST.DETECTIONS_PER_IMAGE = 100
+# Precise running statistics (detectron2's key; norm_det.engine.precise_statistics): before each
+# evaluation and the final checkpoint, re-estimate the running averages of every layer with batch
+# statistics (BN, SyncBN, ND/ND++, IterNorm) as the mean over NUM_ITER training batches at the
+# current weights, instead of the moving average over weights that have since changed.
+_C.TEST.PRECISE_BN = CN()
+_C.TEST.PRECISE_BN.ENABLED = False
+_C.TEST.PRECISE_BN.NUM_ITER = 200
 
 # ---------------------------------------------------------------------------------------------
 # Engine and misc (norm_det.engine)

@@ -123,16 +123,28 @@ def seed_all_rng(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resolve_seed(cfg, resume: bool) -> int:
-    """``cfg.SEED``; when negative, the seed of the run being resumed, else a fresh one, the same
-    on every process."""
+def _recorded_seed(output_dir: Path) -> int | None:
+    """The non-negative ``SEED`` of ``output_dir/config.yaml``, or None when there is none."""
+    saved = output_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        seed = (yaml.safe_load(saved.read_text()) or {}).get("SEED", -1)
+    except (yaml.YAMLError, AttributeError) as err:
+        raise ValueError(
+            f"'{saved}' (the config recorded by an earlier run) is not a readable config: {err}"
+        ) from err
+    return seed if isinstance(seed, int) and seed >= 0 else None
+
+
+def _resolve_seed(cfg, *, reuse_recorded: bool) -> int:
+    """``cfg.SEED``; when negative, the seed recorded in ``OUTPUT_DIR`` (when resuming or
+    evaluating), else a fresh one, the same on every process."""
     if cfg.SEED >= 0:
         return cfg.SEED
-    saved = Path(cfg.OUTPUT_DIR) / "config.yaml"
-    if resume and saved.is_file():
-        seed = (yaml.safe_load(saved.read_text()) or {}).get("SEED", -1)
-        if isinstance(seed, int) and seed >= 0:
-            return seed
+    recorded = _recorded_seed(Path(cfg.OUTPUT_DIR)) if reuse_recorded else None
+    if recorded is not None:
+        return recorded
     seed = int.from_bytes(os.urandom(4), "little") % 2**31
     return all_gather_object(seed)[0]
 
@@ -143,9 +155,10 @@ def default_setup(cfg, args: argparse.Namespace) -> None:
     Creates ``OUTPUT_DIR``, sets up logging, rescales the schedule when the config declares
     ``SOLVER.REFERENCE_WORLD_SIZE`` (:func:`norm_det.solver.scale_to_world_size`; ``cfg`` is
     updated in place), checks that the batch splits over the processes and accumulated passes,
-    fixes ``SEED`` (a negative one is drawn, or taken from the run being resumed), logs the
-    config and the resolved schedule, writes ``OUTPUT_DIR/config.yaml`` and seeds the generators
-    with ``SEED + rank``.
+    fixes ``SEED`` (a negative one is taken from ``OUTPUT_DIR/config.yaml`` when resuming or
+    evaluating, else drawn), logs the config and the resolved schedule, writes
+    ``OUTPUT_DIR/config.yaml`` (``config_eval.yaml`` with ``--eval-only``, which leaves the
+    training run's record alone) and seeds the generators with ``SEED + rank``.
     """
     rank, world_size = get_rank(), get_world_size()
     output_dir = Path(cfg.OUTPUT_DIR)
@@ -163,12 +176,16 @@ def default_setup(cfg, args: argparse.Namespace) -> None:
     if scaled is not cfg:
         logger.info("batch-size scaling: %s", describe_scaling(cfg, scaled))
         cfg.merge_from_other_cfg(scaled)
-    cfg.SEED = _resolve_seed(cfg, resume=getattr(args, "resume", False))
+    resume, eval_only = getattr(args, "resume", False), getattr(args, "eval_only", False)
+    cfg.SEED = _resolve_seed(cfg, reuse_recorded=resume or eval_only)
     if was_frozen:
         cfg.freeze()
     logger.info("config:\n%s", cfg.dump())
     logger.info("schedule: %s; %s", describe_schedule(cfg), describe_batch(cfg, world_size))
+    # config.yaml records how the weights in OUTPUT_DIR were trained; an evaluation writes its
+    # own file so that a later --resume still trains on the recorded seed and recipe.
+    record = "config_eval.yaml" if eval_only else "config.yaml"
     if rank == 0:
-        _atomic_write(output_dir / "config.yaml", lambda f: f.write(cfg.dump().encode()))
+        _atomic_write(output_dir / record, lambda f: f.write(cfg.dump().encode()))
     seed_all_rng(cfg.SEED + rank)
     torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from norm_det.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from norm_det.engine.precise_statistics import recompute_running_statistics
 from norm_det.engine.train_loop import HookBase
 from norm_det.evaluation.distributed import is_main_process
 
@@ -27,6 +28,7 @@ __all__ = [
     "LRSchedulerHook",
     "MetricsWriter",
     "PeriodicCheckpointer",
+    "PreciseStatisticsHook",
     "ProgressBar",
 ]
 
@@ -50,6 +52,52 @@ class LRSchedulerHook(HookBase):
         lr = self.optimizer.param_groups[0]["lr"]
         self.trainer.storage.put_scalar("lr", lr, self.trainer.iter + 1, summary="last")
         self.scheduler.step()
+
+
+class PreciseStatisticsHook(HookBase):
+    """Re-estimate the running statistics at the current weights before every evaluation
+    (every ``period`` iterations) and after the last iteration, before the final checkpoint.
+
+    See :mod:`norm_det.engine.precise_statistics`. The pass draws ``num_batches`` batches from a
+    fresh training loader and leaves the global random generators as it found them, so training
+    continues (and a resumed run repeats an uninterrupted one) as without the pass.
+
+    Args:
+        model: the unwrapped model.
+        data_loader: ``() -> iterable of batches``, called for each pass.
+        forward: ``forward(model, batch)``, a training-mode forward.
+        num_batches: batches per pass.
+        period: iterations between passes, the evaluation period (0: only after the last one).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data_loader: Callable[[], Any],
+        forward: Callable[[torch.nn.Module, Any], Any],
+        num_batches: int,
+        period: int,
+    ) -> None:
+        self.model = model
+        self.data_loader = data_loader
+        self.forward = forward
+        self.num_batches = num_batches
+        self.period = period
+
+    def update(self) -> int:
+        """One pass; returns the number of layers updated."""
+        rng_state = capture_rng_state()
+        try:
+            return recompute_running_statistics(
+                self.model, iter(self.data_loader()), self.forward, self.num_batches
+            )
+        finally:
+            restore_rng_state(rng_state)
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        if done == self.trainer.max_iter or (self.period > 0 and done % self.period == 0):
+            self.update()
 
 
 class PeriodicCheckpointer(HookBase):

@@ -22,11 +22,12 @@ from norm_det.engine.hooks import (
     LRSchedulerHook,
     MetricsWriter,
     PeriodicCheckpointer,
+    PreciseStatisticsHook,
     ProgressBar,
     flatten_results,
 )
 from norm_det.engine.launch import get_local_rank
-from norm_det.engine.train_loop import HookBase, SimpleTrainer
+from norm_det.engine.train_loop import HookBase, SimpleTrainer, move_to_device
 from norm_det.evaluation.distributed import get_world_size, is_main_process
 from norm_det.solver import (
     build_gradient_clipper,
@@ -124,19 +125,37 @@ class Trainer(SimpleTrainer):
         self._resume_rng_state = state.get("rng_state")
 
     def build_hooks(self) -> list[HookBase | None]:
-        """LR schedule, diagnostics (if enabled), checkpoints, evaluation, metric writers,
-        progress bar, in this order."""
+        """LR schedule, diagnostics and precise statistics (if enabled), checkpoints, evaluation,
+        metric writers, progress bar, in this order."""
         cfg = self.cfg
         if cfg.DATASETS.TEST:
             self.eval_hook = EvalHook(cfg.TEST.EVAL_PERIOD, lambda: self.test(cfg, self.model))
         return [
             LRSchedulerHook(self.optimizer, self.scheduler),
             self.build_diagnostics_hook(cfg) if cfg.DIAGNOSTICS.ENABLED else None,
+            self.build_precise_statistics_hook(cfg) if cfg.TEST.PRECISE_BN.ENABLED else None,
             PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD),
             self.eval_hook,
             MetricsWriter(cfg.OUTPUT_DIR, cfg.LOG_PERIOD),
             ProgressBar(),
         ]
+
+    def build_precise_statistics_hook(self, cfg) -> PreciseStatisticsHook:
+        """``TEST.PRECISE_BN``: running statistics re-estimated on ``NUM_ITER`` batches of a fresh
+        training loader before each evaluation and the final checkpoint."""
+        device = self.device
+
+        def forward(model: nn.Module, batch: Any) -> None:
+            images, targets = move_to_device(batch, device)
+            model(images, targets)
+
+        return PreciseStatisticsHook(
+            _unwrap(self.model),
+            lambda: self.build_train_loader(pass_config(cfg)),
+            forward,
+            cfg.TEST.PRECISE_BN.NUM_ITER,
+            cfg.TEST.EVAL_PERIOD if cfg.DATASETS.TEST else 0,
+        )
 
     def build_diagnostics_hook(self, cfg) -> DiagnosticsHook:
         """The ``DIAGNOSTICS`` probes on the (unwrapped) model (docs/diagnostics.md)."""

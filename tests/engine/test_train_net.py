@@ -53,6 +53,29 @@ def test_train_then_evaluate_the_weights(toy_cli, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["SEED"] == saved["SEED"]
 
 
+def test_eval_only_keeps_the_recorded_seed_for_a_later_resume(toy_cli, tmp_path):
+    out = tmp_path / "run"
+    _run("--config", toy_cli, "OUTPUT_DIR", out)
+    recorded = (out / "config.yaml").read_text()
+    seed = yaml.safe_load(recorded)["SEED"]
+
+    weights = out / "model_final.pth"
+    _run("--config", toy_cli, "--eval-only", "OUTPUT_DIR", out, "MODEL.WEIGHTS", weights)
+    assert (out / "config.yaml").read_text() == recorded
+    assert yaml.safe_load((out / "config_eval.yaml").read_text())["SEED"] == seed
+
+    _run("--config", toy_cli, "--resume", "OUTPUT_DIR", out)
+    assert yaml.safe_load((out / "config.yaml").read_text())["SEED"] == seed
+
+
+def test_unreadable_recorded_config_is_named(toy_cli, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("SEED: [1, 2\n")
+    with pytest.raises(ValueError, match=r"config.yaml.*not a readable config"):
+        _run("--config", toy_cli, "--resume", "OUTPUT_DIR", out)
+
+
 def test_eval_only_needs_weights(toy_cli, tmp_path):
     with pytest.raises(ValueError, match="--eval-only needs weights"):
         _run("--config", toy_cli, "--eval-only", "OUTPUT_DIR", tmp_path / "ev")
