@@ -54,8 +54,21 @@ class FrozenBatchNorm2d(nn.Module):
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm2d:
-        """Copy statistics and affine parameters of any BatchNorm-like module exactly."""
-        frozen = cls(bn.num_features, eps=bn.eps).to(bn.running_mean.device)
+        """Copy statistics and affine parameters of any BatchNorm-like module exactly.
+
+        The buffers take the dtype and device of ``bn.running_mean``, so a float64 BN converts
+        without a rounding to float32.
+
+        Raises:
+            ValueError: ``bn`` keeps no running statistics (``track_running_stats=False``).
+        """
+        if not isinstance(getattr(bn, "running_mean", None), torch.Tensor):
+            raise ValueError(
+                f"FrozenBatchNorm2d.from_batchnorm: {type(bn).__name__} has no running statistics "
+                f"(running_mean is {getattr(bn, 'running_mean', None)!r}); expected a "
+                "BatchNorm-like module with track_running_stats=True"
+            )
+        frozen = cls(bn.num_features, eps=bn.eps).to(bn.running_mean)
         with torch.no_grad():
             frozen.running_mean.copy_(bn.running_mean)
             frozen.running_var.copy_(bn.running_var)
