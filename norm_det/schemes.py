@@ -4,6 +4,15 @@ A *scheme* answers four questions — which convolution class, which linear clas
 transposed-convolution class, and which norm (or none) follows a convolution. Model builders,
 integrations and :mod:`norm_det.surgery` ask this registry; none of them names a layer class.
 
+It also says *where* its layers go, the same for every route that builds a network (norm_det's
+model builders, :func:`norm_det.surgery.convert`, the detectron2 and mmdet integrations): every
+convolution of the backbone, neck and heads (lone ones too when ``replaces_lone_convs``), every
+linear and transposed convolution; the convolution on the image plain when
+``keep_first_conv_plain`` (:func:`image_conv_scheme`); the predictors — class scores, box
+deltas, objectness, mask and segmentation logits — plain unless the scheme's paper puts its
+layers there too (``replaces_predictors``, :func:`predictor_scheme`); its ``residual_input`` at
+the input of every residual unit.
+
 Names forgive case and separators (``"GN+WS"`` == ``"gn_ws"`` == ``"gnws"``, ``"ND++"`` ==
 ``"NDPP"``) and carry options, in a string (``"GN(groups=16)"``) or a dict
 (``{"name": "GN", "groups": 16}``). A new scheme is one decorated function::
@@ -50,6 +59,10 @@ class Scheme:
             heads, predictors) also become ``conv`` (default: when the scheme has no norm and
             its conv is not plain).
         keep_first_conv_plain: leave the first convolution on the image a plain ``nn.Conv2d``.
+        replaces_predictors: the predictors (the last layer of every head: class scores, box
+            deltas, objectness, mask and segmentation logits) are the scheme's layers too.
+            False (the default): they are plain ``nn.Conv2d`` / ``nn.Linear`` with bias, as the
+            detector's own; a scheme sets it only where its paper normalizes them.
         residual_input: factory of a module applied to the input of every residual unit
             (CZM's multiplicative noise); model builders and :func:`norm_det.surgery.convert`
             insert it. ``None``: nothing is inserted.
@@ -65,6 +78,7 @@ class Scheme:
     conv_bias: bool | None = None
     replaces_lone_convs: bool | None = None
     keep_first_conv_plain: bool = False
+    replaces_predictors: bool = False
     residual_input: Callable[[], nn.Module] | None = None
     post_convert: Callable[[nn.Module], None] | None = None
     name: str = ""
@@ -209,6 +223,30 @@ def get_scheme(spec: str | Mapping[str, Any] | Scheme | None = None, **options: 
 
 
 # ---------------------------------------------------------------------------------------------
+# Where a scheme's layers go: the rule every route follows.
+
+
+def image_conv_scheme(scheme: str | Mapping[str, Any] | Scheme | None) -> Scheme:
+    """The scheme of the convolution on the image.
+
+    Plain (``none``: a convolution with bias and no norm) for schemes that declare
+    ``keep_first_conv_plain`` (CZM: the image has no mean shift to reject), else the scheme.
+    """
+    resolved = get_scheme(scheme)
+    return get_scheme("none") if resolved.keep_first_conv_plain else resolved
+
+
+def predictor_scheme(scheme: str | Mapping[str, Any] | Scheme | None) -> Scheme:
+    """The scheme of a predictor (class scores, box deltas, objectness, mask / seg logits).
+
+    The scheme itself where it ``replaces_predictors`` (ND, ND++: "all layers"), else ``none``:
+    a plain ``nn.Conv2d`` / ``nn.Linear`` with bias, which the detector initialises near zero.
+    """
+    resolved = get_scheme(scheme)
+    return resolved if resolved.replaces_predictors else get_scheme("none")
+
+
+# ---------------------------------------------------------------------------------------------
 # Builders: what model code calls.
 
 
@@ -320,6 +358,12 @@ def build_conv_transpose(
 _GN_PAPER = "Wu & He, Group Normalization, ECCV 2018"
 
 
+# Predictors (Scheme.replaces_predictors): for BN, SyncBN, FrozenBN, GN, GN+WS and IterNorm a
+# predictor is a lone convolution or linear layer with no norm after it, which these schemes never
+# change; GN's paper (section 6, detection) puts GN in the backbone, FPN and head convolutions
+# only. They keep the default, plain predictors.
+
+
 @register_scheme("none", aliases=("plain", "identity"), paper="plain convolution with bias")
 def _none() -> Scheme:
     return Scheme(conv=nn.Conv2d, norm=None)
@@ -364,9 +408,17 @@ def _gn_ws(groups: int = 32, eps: float = 1e-5, ws_eps: float = 1e-5) -> Scheme:
     "PWS",
     paper="Wang et al., Parametric Weight Standardization (variance transmission), eq. 12",
 )
-def _pws(gamma: float = 1e-4, init_alpha: bool = False) -> Scheme:
+def _pws(gamma: float = 1e-4, init_alpha: bool = True) -> Scheme:
     # init_alpha: the release's data-dependent alpha (variance 2 on the first training batch),
-    # here on every PWS convolution (the release spares the later convolutions of a block).
+    # on by default as in the release's configs, here on every PWS convolution (the release
+    # spares the later convolutions of a block). PWS keeps its input's scale: without it (the
+    # paper's alpha = 1, init_alpha=False) detectron2's Caffe-style configs (PIXEL_STD 1, pixels
+    # of std ~60) start at 22x GN's loss and diverge, mmdet's at 1.9x.
+    # Predictors plain: the PWS paper ("Object Detection in COCO") removes the BN layers and
+    # "replace[s] all conv layers in the backbone with PWS layer"; it standardizes the convs
+    # that had a norm to remove, never the predictors. norm_det extends PWS to the neck and head
+    # convolutions (lone ones too), one rule for every route; a PWS mask predictor starts at
+    # unit-variance logits instead of near zero (the detectron2 route's loss of 52).
     return Scheme(conv=partial(PWSConv2d, gamma=gamma, init_alpha=init_alpha), norm=None)
 
 
@@ -384,8 +436,12 @@ def _deconv_scheme(
     scale_invariance: str, block: int, linear_block: int, stride: int, **options: Any
 ) -> Scheme:
     # Every linear operator is whitened: convolutions (lone ones too), linear layers and
-    # transposed convolutions; nothing follows a convolution.
+    # transposed convolutions; nothing follows a convolution. The predictors too: the ND++ paper
+    # ("Object Detection") uses ND++ "to enhance all layers" of Mask R-CNN (the mask head's
+    # convolution and correlation layers included), "enforcing the invariance properties at every
+    # layer of the network"; Network Deconvolution (ICLR 2020) likewise deconvolves every layer.
     return Scheme(
+        replaces_predictors=True,
         conv=partial(
             DeconvConv2d,
             block=block,
@@ -506,6 +562,11 @@ def _iternorm(
 def _czm(zmg: float = 0.85, noise: float = 0.1, luma: float = 5e-4) -> Scheme:
     # zmg: the CZMG factor z; noise: amplitude a of U(1-a, 1+a) at residual-unit inputs
     # (0: none); luma: LUMA loss weight lambda, to be set to the weight decay it replaces.
+    # Predictors plain: the paper (section 3.2) makes "each filter that has spatial dimensions
+    # greater than 1" CZM in a classifier whose last layer is a plain fully connected one, and
+    # has no detector; a predictor is that last layer (SSD's 3x3 predictors stay plain too).
+    # The first convolution stays plain ("we do not apply this to the first layer in the net
+    # that is connected to the input"), the noise goes at residual-unit inputs (section 4.4).
     check_czm_options("scheme CZM", zmg=zmg, luma=luma, noise=noise)
     return Scheme(
         conv=partial(czm_conv2d, zmg=zmg, luma=luma),

@@ -10,8 +10,16 @@ conv+norm pair with
   ``activation``, as detectron2's ``Conv2d`` does.
 
 Each pair becomes the scheme's pair; lone convolutions, linear and transposed-convolution layers
-become the scheme's where the scheme replaces them. Weights are carried over as far as the math
-allows:
+become the scheme's where the scheme replaces them. Where a scheme's layers go is the rule of
+:mod:`norm_det.schemes`, the one every route follows (norm_det's builders, the detectron2 and
+mmdet integrations call :func:`convert`): the convolution on the image follows
+:func:`~norm_det.schemes.image_conv_scheme`, the predictors (found by :func:`is_predictor`, a
+registry of heads of torchvision, detectron2, mmdet, mmseg and norm_det) follow
+:func:`~norm_det.schemes.predictor_scheme` and keep the model's weights, and the scheme's
+``residual_input`` goes in front of every residual unit. A layer that already is what the scheme
+builds in its place is left as it is, so converting a model built with the scheme (through
+mmdet's registry types, say) changes only what its builder could not reach. Weights are carried
+over as far as the math allows:
 
 - norm -> same-statistics norm (BN -> FrozenBN, BN -> SyncBN, FrozenBN -> BN): exact;
 - norm -> a norm without statistics (GN): the affine parameters are kept, the statistics dropped;
@@ -39,7 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from norm_det.schemes import Scheme, get_scheme
+from norm_det.layers.protocol import track_step_layers
+from norm_det.schemes import Scheme, get_scheme, image_conv_scheme, predictor_scheme
 
 _PLAIN_TYPES = (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
 # Layers `convert` must not silently skip when the user asked for them with `include`.
@@ -306,6 +315,111 @@ def _in_model_class(
 
 
 # ---------------------------------------------------------------------------------------------
+# Predictors: the last layer of a head, kept plain unless the scheme replaces predictors.
+
+# (root package, class name) -> attributes that hold predictors (a layer, or a container of
+# them). A class matches through its MRO, so subclasses (mmdet's Shared2FCBBoxHead of BBoxHead)
+# are covered; names, not imports, so no framework is imported.
+_PREDICTORS: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+def register_predictor(owner: type | str, *attributes: str) -> None:
+    """Declare that ``owner``'s children ``attributes`` are predictors.
+
+    Args:
+        owner: a head class, or ``"package.ClassName"`` with the class's top-level package
+            (``"mmdet.BBoxHead"``), which spares importing the framework.
+        attributes: child names; a child that is a container makes every layer in it a
+            predictor (SSD's per-level classifiers).
+
+    Raises:
+        ValueError: ``owner`` is a string without a package, or no attribute is given.
+    """
+    if isinstance(owner, type):
+        key = (owner.__module__.split(".")[0], owner.__name__)
+    else:
+        package, _, name = str(owner).rpartition(".")
+        if not package or not name:
+            raise ValueError(
+                f"register_predictor: owner must be a class or 'package.ClassName'; got {owner!r}"
+            )
+        key = (package.split(".")[0], name)
+    if not attributes or not all(isinstance(a, str) and a for a in attributes):
+        raise ValueError(
+            f"register_predictor({owner!r}): give the names of the predictor children; "
+            f"got {attributes!r}"
+        )
+    _PREDICTORS[key] = tuple(dict.fromkeys((*_PREDICTORS.get(key, ()), *attributes)))
+
+
+for _owner, _attributes in (
+    # torchvision
+    ("torchvision.FastRCNNPredictor", ("cls_score", "bbox_pred")),
+    ("torchvision.MaskRCNNPredictor", ("mask_fcn_logits",)),
+    ("torchvision.KeypointRCNNPredictor", ("kps_score_lowres",)),
+    ("torchvision.RPNHead", ("cls_logits", "bbox_pred")),
+    ("torchvision.SSDScoringHead", ("module_list",)),
+    ("torchvision.RetinaNetClassificationHead", ("cls_logits",)),
+    ("torchvision.RetinaNetRegressionHead", ("bbox_reg",)),
+    ("torchvision.FCOSClassificationHead", ("cls_logits",)),
+    ("torchvision.FCOSRegressionHead", ("bbox_reg", "bbox_ctrness")),
+    ("torchvision.DeepLabHead", ("4",)),
+    ("torchvision.FCNHead", ("4",)),
+    # detectron2
+    ("detectron2.FastRCNNOutputLayers", ("cls_score", "bbox_pred")),
+    ("detectron2.BaseMaskRCNNHead", ("predictor",)),
+    ("detectron2.StandardRPNHead", ("objectness_logits", "anchor_deltas")),
+    ("detectron2.RetinaNetHead", ("cls_score", "bbox_pred")),
+    ("detectron2.SemSegFPNHead", ("predictor",)),
+    ("detectron2.KRCNNConvDeconvUpsampleHead", ("score_lowres",)),
+    # mmdet / mmseg
+    ("mmdet.BBoxHead", ("fc_cls", "fc_reg")),
+    ("mmdet.FCNMaskHead", ("conv_logits",)),
+    ("mmdet.AnchorHead", ("conv_cls", "conv_reg")),
+    ("mmdet.RPNHead", ("rpn_cls", "rpn_reg")),
+    ("mmdet.RetinaHead", ("retina_cls", "retina_reg")),
+    ("mmdet.SSDHead", ("cls_convs", "reg_convs")),
+    ("mmseg.BaseDecodeHead", ("conv_seg",)),
+    # norm_det's own heads (norm_det.modeling.heads); its SSD head holds torchvision's
+    # SSDScoringHead, covered above.
+    ("norm_det.FastRCNNPredictor", ("cls_score", "bbox_pred")),
+    ("norm_det.MaskRCNNPredictor", ("mask_fcn_logits",)),
+    ("norm_det.RPNHead", ("cls_logits", "bbox_pred")),
+    ("norm_det.DeepLabV3Head", ("predictor",)),
+):
+    register_predictor(_owner, *_attributes)
+
+
+def is_predictor(parent: nn.Module, name: str) -> bool:
+    """Whether ``parent``'s child ``name`` is (or holds) a registered predictor."""
+    for cls in type(parent).__mro__:
+        attributes = _PREDICTORS.get((cls.__module__.split(".")[0], cls.__name__))
+        if attributes is not None and name in attributes:
+            return True
+    return False
+
+
+def predictor_paths(model: nn.Module) -> list[str]:
+    """Module paths of the predictors in ``model`` (containers of predictors included)."""
+    return [
+        f"{path}.{name}" if path else name
+        for path, parent in model.named_modules()
+        for name, _ in parent.named_children()
+        if is_predictor(parent, name)
+    ]
+
+
+def _layer_class(layer: nn.Module) -> type:
+    """The class ``layer`` is an instance of, seen through a norm-and-activation form."""
+    return layer._conv_class if isinstance(layer, _AppliesNormActivation) else type(layer)
+
+
+def _same_layer(old: nn.Module, new: nn.Module) -> bool:
+    """``old`` already is what ``new`` would be: the same class with the same options."""
+    return _layer_class(old) is type(new) and old.extra_repr() == new.extra_repr()
+
+
+# ---------------------------------------------------------------------------------------------
 # convert
 
 
@@ -384,18 +498,31 @@ def _is_sibling_pair(conv: nn.Module, following: nn.Module | None) -> bool:
 
 
 class _Converter:
+    """One walk of :func:`convert`; its predictors are converted by ``self.predictors``."""
+
     def __init__(
         self,
         scheme: Scheme,
         selection: _Selection,
         image_conv: str | None,
         keep_weights: bool,
+        seen: set[int] | None = None,
+        predictor_walk: bool = False,
     ) -> None:
         self.scheme = scheme
         self.selection = selection
         self.image_conv = image_conv
         self.keep_weights = keep_weights
-        self.seen: set[int] = set()
+        self.seen: set[int] = set() if seen is None else seen
+        # Predictors keep the model's weights whatever keep_weights says: a detector starts them
+        # near zero output, a property of the detector, not of the normalization.
+        self.predictors = (
+            self
+            if predictor_walk
+            else _Converter(
+                predictor_scheme(scheme), selection, None, True, self.seen, predictor_walk=True
+            )
+        )
 
     def conv(
         self, conv: nn.Conv2d, norm: nn.Module | None, path: str
@@ -410,27 +537,30 @@ class _Converter:
         """
         lone = norm is None
         attached = not lone and norm is attached_norm(conv)
-        keep_plain = path == self.image_conv and self.scheme.keep_first_conv_plain
-        if keep_plain or (lone and not self.scheme.replaces_lone_convs):
-            factory = nn.Conv2d
-        else:
-            factory = self.scheme.conv
+        scheme = image_conv_scheme(self.scheme) if path == self.image_conv else self.scheme
+        factory = nn.Conv2d if lone and not scheme.replaces_lone_convs else scheme.conv
         if lone and factory is nn.Conv2d and not hasattr(conv, "fuse"):
             return conv, None
-        norm_factory = None if lone or keep_plain else self.scheme.norm
+        norm_factory = None if lone else scheme.norm
         weight, bias = effective_weights(conv)
         if lone or norm_factory is not None:
-            with_bias = bias is not None or (not lone and bool(self.scheme.conv_bias))
+            with_bias = bias is not None or (not lone and bool(scheme.conv_bias))
         else:
             # The norm goes: the convolution takes over its eval transform, shift included.
             with_bias = True
             affine = folded_affine(norm)
             if affine is not None and self.keep_weights:
                 weight, bias = fold_affine_into(weight, bias, *affine)
-        new_norm = None if norm_factory is None else self._norm(norm_factory, norm, conv)
 
         replacement = None if factory is nn.Conv2d else _new_conv(factory, conv, with_bias)
-        if (replacement is None or type(replacement) is nn.Conv2d) and not hasattr(conv, "fuse"):
+        plain = replacement is None or type(replacement) is nn.Conv2d
+        kept_plain = plain and not hasattr(conv, "fuse")
+        new_norm = None if norm_factory is None else norm_factory(conv.out_channels)
+        if self._already_built(conv, norm, kept_plain, replacement, new_norm):
+            return conv, norm
+        if new_norm is not None:
+            new_norm = self._placed_norm(new_norm, norm, conv)
+        if kept_plain:
             self._set_plain_weights(conv, weight, bias, with_bias)
             replacement = conv
         else:
@@ -450,6 +580,21 @@ class _Converter:
             replacement.norm = new_norm
         return replacement, new_norm
 
+    @staticmethod
+    def _already_built(
+        conv: nn.Module,
+        norm: nn.Module | None,
+        kept_plain: bool,
+        replacement: nn.Module | None,
+        new_norm: nn.Module | None,
+    ) -> bool:
+        """Whether ``conv`` (and ``norm``) already are the layers the scheme builds there."""
+        if not (kept_plain or (replacement is not None and _same_layer(conv, replacement))):
+            return False
+        if norm is None:
+            return True
+        return new_norm is not None and _same_layer(norm, new_norm)
+
     def _set_plain_weights(
         self,
         conv: nn.Conv2d,
@@ -465,10 +610,8 @@ class _Converter:
         if self.keep_weights:
             load_plain_weights(conv, weight, bias)
 
-    def _norm(
-        self, factory: Callable[[int], nn.Module], old: nn.Module, conv: nn.Module
-    ) -> nn.Module:
-        new = factory(conv.out_channels)
+    def _placed_norm(self, new: nn.Module, old: nn.Module, conv: nn.Module) -> nn.Module:
+        """The scheme's norm ``new`` in the place of ``old``, the norm after ``conv``."""
         # A norm without parameters (FrozenBN) is frozen when its convolution is.
         frozen = _is_frozen(old) or (not any(True for _ in old.parameters()) and _is_frozen(conv))
         new = _place_like(new, old, frozen=frozen)
@@ -485,7 +628,7 @@ class _Converter:
                 return module
             weight, bias = effective_weights(module)
             new = self.scheme.linear(module.in_features, module.out_features, bias=bias is not None)
-            return self._placed(new, module, weight, bias)
+            return module if _same_layer(module, new) else self._placed(new, module, weight, bias)
         if isinstance(module, nn.ConvTranspose2d):
             if (
                 self.scheme.conv_transpose is nn.ConvTranspose2d
@@ -504,12 +647,15 @@ class _Converter:
                 bias=bias is not None,
                 dilation=module.dilation,
             )
-            return self._placed(new, module, weight, bias)
+            return module if _same_layer(module, new) else self._placed(new, module, weight, bias)
         if is_norm(module) and self.scheme.norm is not None:
             channels = norm_channels(module)
             if channels is None:
                 return module
-            new = _place_like(self.scheme.norm(channels), module)
+            new = self.scheme.norm(channels)
+            if _same_layer(module, new):
+                return module
+            new = _place_like(new, module)
             if self.keep_weights:
                 _transfer_norm(module, new)
             return new
@@ -534,6 +680,10 @@ class _Converter:
                 index += 1
                 continue
             self.seen.add(id(child))
+            if self.predictors is not self and is_predictor(parent, name):
+                self.predictors.visit(child, path)
+                index += 1
+                continue
             if _is_sibling_pair(child, following) and self.selection(path):
                 self.seen.add(id(following))
                 replacement, new_norm = self.conv(child, following, path)
@@ -541,14 +691,18 @@ class _Converter:
                 _become(following, nn.Identity() if new_norm is None else new_norm)
                 index += 2
                 continue
-            if self._is_leaf(child):
-                if self.selection(path):
-                    _become(child, self.lone(child, path))
-            elif isinstance(child, _UNSUPPORTED_TYPES) or not any(True for _ in child.children()):
-                self._check_supported(child, path)
-            else:
-                self.walk(child, path + ".")
+            self.visit(child, path)
             index += 1
+
+    def visit(self, module: nn.Module, path: str) -> None:
+        """Convert ``module`` (a layer or a subtree), not paired with a following norm."""
+        if self._is_leaf(module):
+            if self.selection(path):
+                _become(module, self.lone(module, path))
+        elif isinstance(module, _UNSUPPORTED_TYPES) or not any(True for _ in module.children()):
+            self._check_supported(module, path)
+        else:
+            self.walk(module, path + ".")
 
     @staticmethod
     def _is_leaf(module: nn.Module) -> bool:
@@ -635,7 +789,10 @@ def convert(
         keep_weights: carry the model's weights over (see the module docstring). False: every
             layer ``convert`` builds keeps its own initialisation, as in a model built with the
             scheme (for training from scratch: CZM's and PWS's initialisations are part of the
-            methods); convolutions kept in place keep their weights.
+            methods); convolutions kept in place keep their weights, and so do the predictors
+            (the detector's near-zero start, which a scheme's predictor takes through
+            ``load_plain_weights``). Layers that already are what the scheme builds in their
+            place are kept as they are either way.
 
     Returns:
         The converted model (a new module only when ``model`` itself is a single layer that
@@ -650,12 +807,16 @@ def convert(
         resolved, _Selection(include, exclude), _image_conv_path(model), keep_weights
     )
     if converter._is_leaf(model):
-        return converter.lone(model, "")
-    converter.walk(model, "")
-    if resolved.residual_input is not None:
-        insert_residual_inputs(model, resolved.residual_input, converter.selection)
-    if resolved.post_convert is not None:
-        resolved.post_convert(model)
+        model = converter.lone(model, "")
+    else:
+        converter.walk(model, "")
+        if resolved.residual_input is not None:
+            insert_residual_inputs(model, resolved.residual_input, converter.selection)
+        if resolved.post_convert is not None:
+            resolved.post_convert(model)
+    # Layers that took a new class in place were made as other objects: they act at optimizer
+    # steps (CZM's gradient correction) once tracked under their new identity.
+    track_step_layers(model)
     return model
 
 

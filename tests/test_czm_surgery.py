@@ -1,4 +1,4 @@
-"""The CZM scheme: registry options, converting and fusing torchvision ResNets, trainer hooks."""
+"""The CZM scheme: registry options, converting and fusing torchvision ResNets, step work."""
 
 import copy
 
@@ -9,12 +9,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from norm_det import convert, fuse
-from norm_det.layers import (
-    CZMConv2d,
-    MultiplicativeNoise,
-    collect_extra_losses,
-    run_after_backward_hooks,
-)
+from norm_det.layers import CZMConv2d, MultiplicativeNoise, collect_step_losses
 from norm_det.schemes import build_conv, build_conv_norm, get_scheme, scheme_options
 from tests.model_utils import randomize_norms as _randomize_norms
 from tests.model_utils import relative_error as _relative_error
@@ -114,18 +109,21 @@ def test_exclude_leaves_units_plain_and_without_noise(resnet18):
     assert isinstance(model.layer3[0].residual_input, MultiplicativeNoise)
 
 
-def test_trainer_hooks_find_the_czm_layers(resnet18):
+def test_converted_czm_layers_act_at_every_optimizer_step(resnet18):
+    """convert tracks the layers it changed in place: a plain SGD step applies LUMA and CZMG."""
     model = convert(copy.deepcopy(resnet18), "CZM(zmg=0.85, luma=5e-4)").train()
+    czm = [m for m in model.modules() if type(m) is CZMConv2d]
+    assert len(czm) == 16
     loss = model(torch.randn(2, 3, 32, 32)).square().mean()
-    extra = collect_extra_losses(model)
-    assert set(extra) == {"loss_luma"}
-    # Warm start from unit-normalized filters: LUMA starts at zero.
-    assert extra["loss_luma"].item() == pytest.approx(0.0, abs=1e-9)
-    (loss + extra["loss_luma"]).backward()
-    conv = model.layer2[1].conv1
-    raw_mean = conv.v.grad.mean(dim=(-2, -1)).clone()
-    assert run_after_backward_hooks(model) == 16
-    assert torch.allclose(conv.v.grad.mean(dim=(-2, -1)), 0.15 * raw_mean, atol=1e-7)
+    loss.backward()
+    raw = {id(c): c.v.grad.mean(dim=(-2, -1)).clone() for c in czm}
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    for conv in czm:
+        # Warm start from unit-normalized filters: LUMA's value and gradient start at zero.
+        assert conv.step_losses["loss_luma"].item() == pytest.approx(0.0, abs=1e-9)
+        corrected = conv.v.grad.mean(dim=(-2, -1))
+        assert torch.allclose(corrected, 0.15 * raw[id(conv)], atol=1e-7)
+    assert collect_step_losses(model)["loss_luma"].item() == pytest.approx(0.0, abs=1e-8)
 
 
 def test_fuse_czm_resnet_gives_plain_torch_layers_and_same_outputs(resnet18, tmp_path):

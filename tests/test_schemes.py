@@ -11,7 +11,9 @@ from norm_det.schemes import (
     build_conv_transpose,
     build_linear,
     get_scheme,
+    image_conv_scheme,
     parse_scheme_spec,
+    predictor_scheme,
     register_scheme,
 )
 
@@ -106,3 +108,21 @@ def test_register_a_new_scheme_in_a_few_lines():
 
         for key in ("testinstancenorm", "testin", "other"):
             schemes._REGISTRY.pop(key, None)
+
+
+@pytest.mark.parametrize("name", available_schemes())
+def test_where_each_scheme_puts_its_layers(name):
+    """The rule of every route: predictors plain except where the paper normalizes them (ND,
+    ND++: "all layers"), the image convolution plain for CZM only."""
+    scheme = get_scheme(name)
+    assert scheme.replaces_predictors == (name in ("ND", "NDPP"))
+    predictor = predictor_scheme(name)
+    assert predictor.name == (name if scheme.replaces_predictors else "none")
+    assert type(build_conv(predictor, 8, 4, 1)) in (
+        (type(build_conv(scheme, 8, 4, 1)),) if scheme.replaces_predictors else (nn.Conv2d,)
+    )
+    assert type(build_linear(predictor, 8, 4)) is (
+        type(build_linear(scheme, 8, 4)) if scheme.replaces_predictors else nn.Linear
+    )
+    image = image_conv_scheme(name)
+    assert image.name == ("none" if name == "CZM" else name)

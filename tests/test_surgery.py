@@ -346,3 +346,107 @@ def test_keep_weights_false_gives_the_schemes_own_initialisation(listed_convs):
     # The image convolution is kept (CZM leaves it plain), with its weights, and a zero shift.
     assert type(model.stem) is _NormActConv and torch.equal(model.stem.weight, stem_weight)
     assert model.stem.norm is None and torch.equal(model.stem.bias, torch.zeros(32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the scheme's layers go: predictors, layers already of the scheme.
+
+
+def _framework_class(module: str, name: str, base: type = nn.Module) -> type:
+    """A class that looks like a framework's (its module and name), without the framework."""
+    return type(name, (base,), {"__module__": module})
+
+
+def _heads_of_three_frameworks() -> nn.Module:
+    """A detectron2 box predictor, an mmdet box head (a subclass) and a torchvision RPN head."""
+    detectron2_predictor = _framework_class(
+        "detectron2.modeling.roi_heads.fast_rcnn", "FastRCNNOutputLayers"
+    )()
+    detectron2_predictor.cls_score = nn.Linear(16, 4)
+    detectron2_predictor.bbox_pred = nn.Linear(16, 12)
+    bbox_head = _framework_class("mmdet.models.roi_heads.bbox_heads.bbox_head", "BBoxHead")
+    mmdet_head = _framework_class("mmdet.models.roi_heads", "Shared2FCBBoxHead", bbox_head)()
+    mmdet_head.shared_fcs = nn.ModuleList([nn.Linear(16, 16)])
+    mmdet_head.fc_cls = nn.Linear(16, 4)
+    mmdet_head.fc_reg = nn.Linear(16, 12)
+    rpn = _framework_class("torchvision.models.detection.rpn", "RPNHead")()
+    rpn.conv = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1))
+    rpn.cls_logits = nn.Conv2d(16, 3, 1)
+    rpn.bbox_pred = nn.Conv2d(16, 12, 1)
+    return nn.ModuleDict({"d2": detectron2_predictor, "mmdet": mmdet_head, "rpn": rpn})
+
+
+def test_predictors_are_found_in_every_framework_and_stay_plain_for_pws():
+    from norm_det.surgery import predictor_paths
+
+    model = _heads_of_three_frameworks()
+    assert predictor_paths(model) == [
+        "d2.cls_score",
+        "d2.bbox_pred",
+        "mmdet.fc_cls",
+        "mmdet.fc_reg",
+        "rpn.cls_logits",
+        "rpn.bbox_pred",
+    ]
+    predictors = {path: model.get_submodule(path) for path in predictor_paths(model)}
+    weights = {path: layer.weight.clone() for path, layer in predictors.items()}
+    convert(model, "PWS", keep_weights=False)
+    for path, layer in predictors.items():
+        assert type(model.get_submodule(path)) in (nn.Linear, nn.Conv2d)
+        assert torch.equal(layer.weight, weights[path])
+    assert type(model["rpn"].conv[0]) is PWSConv2d  # the head's own convolution is not one
+
+
+def test_predictors_of_nd_are_nd_layers_with_the_models_weights():
+    from norm_det.layers import DeconvConv2d, DeconvLinear
+
+    model = _heads_of_three_frameworks()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model["rpn"].cls_logits.weight.normal_(std=0.01)
+    weight = model["rpn"].cls_logits.weight.clone()
+    convert(model, "ND", keep_weights=False)
+    assert type(model["d2"].cls_score) is DeconvLinear
+    assert type(model["mmdet"].fc_reg) is DeconvLinear
+    assert type(model["mmdet"].shared_fcs[0]) is DeconvLinear
+    predictor = model["rpn"].cls_logits
+    assert type(predictor) is DeconvConv2d
+    # keep_weights=False, but a predictor keeps the detector's near-zero start.
+    assert torch.allclose(predictor.fuse().weight, weight, rtol=0, atol=1e-6)
+
+
+def test_register_predictor_for_a_new_head_and_its_errors():
+    from norm_det.surgery import is_predictor, register_predictor
+
+    class MyHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = nn.Conv2d(8, 8, 3, padding=1)
+            self.logits = nn.Conv2d(8, 2, 3, padding=1)
+
+    register_predictor(MyHead, "logits")
+    head = convert(MyHead(), "CZM")
+    assert is_predictor(head, "logits") and not is_predictor(head, "tower")
+    assert type(head.logits) is nn.Conv2d and type(head.tower) is CZMConv2d
+    with pytest.raises(ValueError, match=r"package\.ClassName"):
+        register_predictor("BBoxHead", "fc_cls")
+    with pytest.raises(ValueError, match="names of the predictor children"):
+        register_predictor("mmdet.BBoxHead")
+
+
+@pytest.mark.parametrize("scheme", available_schemes())
+def test_converting_a_converted_model_again_changes_nothing(resnet18, scheme):
+    model = convert(copy.deepcopy(resnet18), scheme, keep_weights=False)
+    parameters = dict(model.named_parameters())
+    types = {name: type(m) for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    convert(model, scheme, keep_weights=False)
+    assert {name: type(m) for name, m in model.named_modules()} == types
+    assert all(p is parameters[name] for name, p in model.named_parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_converting_again_with_other_options_rebuilds_the_layers(resnet18):
+    model = convert(copy.deepcopy(resnet18), "PWS(gamma=1e-4)")
+    convert(model, "PWS(gamma=1e-3)")
+    assert model.layer1[0].conv1.gamma == 1e-3

@@ -31,9 +31,7 @@ from torch.nn import functional as F
 
 from norm_det.layers import (
     CZMConv2d,
-    collect_extra_losses,
     czm_param_groups,
-    run_after_backward_hooks,
 )
 from norm_det.schemes import Scheme, build_conv_norm, get_scheme
 from norm_det.surgery import insert_residual_inputs
@@ -267,11 +265,9 @@ def train(
             images, labels = train_images[batch], train_labels[batch]
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
-            extra = sum(collect_extra_losses(model).values(), torch.zeros(()))
             optimizer.zero_grad(set_to_none=True)
-            (loss + extra).backward()
-            run_after_backward_hooks(model)
-            optimizer.step()
+            loss.backward()
+            optimizer.step()  # CZMG and LUMA act here (torch's optimizer-step hook)
             if not math.isfinite(loss.item()):
                 break
             total_loss += loss.item() * len(batch)

@@ -2,8 +2,10 @@
 # GroupNorm(32) after every convolution.
 # Backbone, FPN and RoI heads (4conv1fc box head) all follow the scheme.
 _base_ = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
-# The bridge serves mmcv.ops from torchvision when only mmcv-lite is installed (and does
-# nothing where mmcv's compiled ops exist); norm_det.integrations.mmdet registers the types.
+# Run with `python -m norm_det.mm train|test THIS_FILE ...` (docs/integrations.md). For
+# mmdet's / mmseg's own tools/train.py: the bridge serves mmcv.ops from torchvision where only
+# mmcv-lite is installed; norm_det.integrations.mmdet registers the norm types, whose word alone
+# gives the scheme's convolution too.
 custom_imports = dict(
     imports=["norm_det.integrations.mmcv_ops_bridge", "norm_det.integrations.mmdet"],
     allow_failed_imports=False,

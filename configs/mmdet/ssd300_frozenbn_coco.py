@@ -2,11 +2,13 @@
 # norm_det's FrozenBatchNorm2d in the backbone (the Detectron baseline).
 # SSD's VGG has no norm and no conv_cfg: norm_det builds it and converts it
 # (NormDetConvert; add_norms puts the scheme's norm after each VGG convolution), the
-# neck takes conv_cfg / norm_cfg, and the head's predictors are converted too (they
-# change only for schemes that replace lone convolutions: PWS, ND, NDPP, CZM).
+# neck takes norm_cfg, and the head (no norm of its own) is converted too, as the
+# scheme's rule for lone convolutions says.
 _base_ = "mmdet::ssd/ssd300_coco.py"
-# The bridge serves mmcv.ops from torchvision when only mmcv-lite is installed (and does
-# nothing where mmcv's compiled ops exist); norm_det.integrations.mmdet registers the types.
+# Run with `python -m norm_det.mm train|test THIS_FILE ...` (docs/integrations.md). For
+# mmdet's / mmseg's own tools/train.py: the bridge serves mmcv.ops from torchvision where only
+# mmcv-lite is installed; norm_det.integrations.mmdet registers the norm types, whose word alone
+# gives the scheme's convolution too.
 custom_imports = dict(
     imports=["norm_det.integrations.mmcv_ops_bridge", "norm_det.integrations.mmdet"],
     allow_failed_imports=False,

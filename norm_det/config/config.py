@@ -1,7 +1,9 @@
 """Loading configs: defaults, YAML files with ``_BASE_``, ``KEY VALUE`` overrides.
 
 Every key must already exist in :mod:`norm_det.config.defaults`: a misspelt key fails with a
-``ValueError`` that names the closest valid key, instead of silently training the default. A
+``ValueError`` that names the closest valid key, instead of silently training the default; a
+detectron2 or mmdet/mmseg config fails with a :class:`~norm_det.config.foreign.ForeignConfigError`
+naming the tool that runs it. A
 config file may be a path or a bare file name (``mask_rcnn_ndpp.yaml``) looked up recursively
 under the repository's ``configs/`` folder.
 """
@@ -18,6 +20,8 @@ from typing import Any
 from fvcore.common.config import BASE_KEY
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
+from norm_det.config.foreign import ForeignConfigError, foreign_config_hint
+
 __all__ = ["CONFIGS_DIR", "CfgNode", "find_config_file", "get_cfg", "load_config"]
 
 # The repository's configs/ folder (the package is installed in editable mode next to it).
@@ -32,6 +36,9 @@ class CfgNode(_FvcoreCfgNode):
 
     def merge_from_file(self, cfg_filename: str | os.PathLike, allow_unsafe: bool = False) -> None:
         path = find_config_file(cfg_filename)
+        hint = foreign_config_hint(path)
+        if hint is not None:
+            raise ForeignConfigError(hint)
         loaded = self.load_yaml_with_base(str(path), allow_unsafe=allow_unsafe)
         if not isinstance(loaded, dict):
             raise ValueError(f"config file '{path}' holds {type(loaded).__name__}, not a mapping")

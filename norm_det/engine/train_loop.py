@@ -3,8 +3,9 @@
 :class:`TrainerBase` runs ``before_train``, then for every iteration ``before_step``,
 ``run_step``, ``after_step``, then ``after_train`` (also when an iteration raised) on its hooks.
 :class:`SimpleTrainer` implements ``run_step`` for a model that returns a dict of losses; it knows
-no normalization scheme: layers take part through the protocol of :mod:`norm_det.layers` (extra
-loss terms, after-backward hooks).
+no normalization scheme: layers take part through the protocol of :mod:`norm_det.layers` (work
+at every optimizer step, which any loop runs; extra loss terms and after-backward hooks, which
+only this loop runs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from torch import nn
 
 from norm_det.engine.checkpoint import restore_rng_state
 from norm_det.engine.metrics import MetricStorage
-from norm_det.layers import collect_extra_losses, run_after_backward_hooks
+from norm_det.layers import (
+    prepare_optimizer_step,
+)
 from norm_det.layers.distributed import get_world_size
 
 __all__ = ["HookBase", "NonFiniteLossError", "SimpleTrainer", "TrainerBase", "move_to_device"]
@@ -122,14 +125,14 @@ class SimpleTrainer(TrainerBase):
     """One optimizer step per iteration on ``accumulate_steps`` batches from an infinite loader.
 
     Per iteration, for each of the ``accumulate_steps`` passes: draw ``(images, targets)``;
-    ``loss_dict = model(images, targets)`` plus the layers' extra losses
-    (:func:`norm_det.layers.collect_extra_losses`); stop with :class:`NonFiniteLossError` if any
+    ``loss_dict = model(images, targets)``; stop with :class:`NonFiniteLossError` if any
     term is NaN or infinite on any process; backward of the sum divided by ``accumulate_steps``
     (so the gradients add up to the mean over the passes; under DistributedDataParallel only the
     last pass averages them over processes). Then, once, on the accumulated gradient: the
-    layers' after-backward hooks (:func:`norm_det.layers.run_after_backward_hooks`), gradient
+    layers' optimizer-step work (:func:`norm_det.layers.prepare_optimizer_step`: CZM's LUMA
+    gradient and CZMG, which the step would otherwise run itself, after the clipping), gradient
     clipping and the optimizer step. The recorded losses are means over the passes and
-    processes.
+    processes, with the penalties the layers applied at the step (``loss_luma``) added.
 
     Layers with batch statistics (BN, SyncBN, ND/ND++, IterNorm) normalize each pass with its
     own statistics and update their running averages once per pass (docs/large_batch.md).
@@ -217,17 +220,14 @@ class SimpleTrainer(TrainerBase):
         return "no checkpointer is attached"
 
     def losses(self, images: Sequence[torch.Tensor], targets: Sequence[dict]) -> dict:
-        """The model's loss dict for a batch, plus the layers' extra loss terms."""
+        """The model's loss dict for a batch."""
         loss_dict = self.model(images, targets)
         if not isinstance(loss_dict, Mapping):
             raise ValueError(
                 f"{type(_unwrap(self.model)).__name__} returned {type(loss_dict).__name__} in "
                 "training mode; expected a dict of scalar loss tensors"
             )
-        loss_dict = dict(loss_dict)
-        for name, value in collect_extra_losses(_unwrap(self.model)).items():
-            loss_dict[name] = loss_dict[name] + value if name in loss_dict else value
-        return loss_dict
+        return dict(loss_dict)
 
     def _reduced_values(self, loss_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
         # Mean over processes: the logged numbers, and one NaN anywhere stops every process.
@@ -280,7 +280,9 @@ class SimpleTrainer(TrainerBase):
             for name, value in pass_values.items():
                 values[name] = values.get(name, 0.0) + value / steps
 
-        run_after_backward_hooks(_unwrap(self.model))
+        # Before clipping, so that the clipped norm is that of the gradient the step uses.
+        for name, value in prepare_optimizer_step(self.optimizer).items():
+            values[name] = values.get(name, 0.0) + value.item()
         grad_norm = None
         if self.grad_clipper is not None:
             grad_norm = self.grad_clipper(self.model.parameters())

@@ -17,9 +17,16 @@ surgery can treat all schemes alike without knowing any of them:
 - ``load_plain_weights(weight, bias)`` (optional, reparametrized layers): set the layer's
   parameters so that it reproduces a plain layer with these weights as closely as the
   reparametrization allows.
-- ``extra_loss() -> Tensor | None`` (optional): a regularization term the trainer adds to the loss.
-- ``after_backward() -> None`` (optional): called by the trainer after ``backward()`` and before
-  the optimizer step (gradient modifications outside the autograd graph).
+- ``before_optimizer_step() -> dict[str, Tensor] | None`` (optional): the layer's own work at
+  every optimizer step, on the step's complete gradients (CZM: LUMA's gradient, then CZMG). The
+  layer calls :func:`~norm_det.layers.protocol.track_step_layers` on itself when it is made;
+  torch's global optimizer step pre-hook then runs it once per ``optimizer.step()`` of any
+  optimizer that holds one of its parameters, in any training loop, with no call from the loop.
+  It returns the values of the penalties whose gradients it added (``{"loss_luma": ...}``),
+  which are kept in the layer's ``step_losses`` for logging.
+
+  No layer asks the training loop for anything (an extra loss term to add, a call after
+  backward): detectron2's and mmengine's loops would not make it.
 
 :mod:`norm_det.layers.protocol` holds the helpers that walk a model for these.
 """
@@ -32,9 +39,10 @@ from norm_det.layers.group_norm import GroupNorm
 from norm_det.layers.isqrt import inverse_sqrt
 from norm_det.layers.iternorm import IterNorm
 from norm_det.layers.protocol import (
-    collect_extra_losses,
+    collect_step_losses,
     no_weight_decay_parameters,
-    run_after_backward_hooks,
+    prepare_optimizer_step,
+    track_step_layers,
 )
 from norm_det.layers.pws import PWSConv2d
 from norm_det.layers.weight_std import WSConv2d
@@ -51,11 +59,12 @@ __all__ = [
     "PWSConv2d",
     "SyncBatchNorm",
     "WSConv2d",
-    "collect_extra_losses",
+    "collect_step_losses",
     "convert_frozen_batchnorm",
     "czm_conv2d",
     "czm_param_groups",
     "inverse_sqrt",
     "no_weight_decay_parameters",
-    "run_after_backward_hooks",
+    "prepare_optimizer_step",
+    "track_step_layers",
 ]

@@ -16,6 +16,13 @@ zero-mean* (CZM) isocline needs no mean subtraction. Per spatial convolution:
 - 4.4 multiplicative noise ``U(1 - a, 1 + a)``, ``a = 0.1``, at residual-unit inputs, in training
   only.
 
+CZMG and LUMA act on their own at every optimizer step, in any training loop: each layer adds
+LUMA's gradient to ``grad_V`` and then applies CZMG once per ``optimizer.step()``, from torch's
+global optimizer step pre-hook (:mod:`norm_det.layers.protocol`), on the complete gradient
+(accumulated, all-reduced, unscaled) — what adding LUMA to the loss and correcting the gradient
+before the step gives, exactly, with no call from the loop. LUMA is therefore not a term of the
+loss: its value at the step is kept in ``step_losses["loss_luma"]``.
+
 1x1 convolutions have no spatial extent and stay plain ``nn.Conv2d`` (:func:`czm_conv2d`); so
 does the first convolution on the image (the scheme's ``keep_first_conv_plain``). The choices the
 paper leaves open are listed in ``docs/czm.md``.
@@ -29,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from norm_det.layers.protocol import no_weight_decay_parameters
+from norm_det.layers.protocol import no_weight_decay_parameters, track_step_layers
 from norm_det.layers.weight_std import plain_conv_like
 
 
@@ -64,7 +71,9 @@ class CZMConv2d(nn.Conv2d):
     C_in/groups, kh, kw)``), ``g`` (``(C_out,)``) and the optional ``bias`` (``(C_out,)``); none
     of them is weight-decayed (LUMA regularizes ``v``; ``bias`` plays the part of the BN shift it
     replaces). ``weight`` reads the effective weight ``e^g * V`` (computed; writing to it has no
-    effect — use :meth:`load_plain_weights`).
+    effect — use :meth:`load_plain_weights`). At every step of an optimizer that holds ``v``,
+    :meth:`before_optimizer_step` adds LUMA's gradient and applies CZMG (see the module
+    docstring); ``step_losses`` then holds that step's ``{"loss_luma": value}``.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -79,7 +88,6 @@ class CZMConv2d(nn.Conv2d):
     """
 
     _no_weight_decay = ("v", "g", "bias")
-    extra_loss_name = "luma"
 
     def __init__(
         self,
@@ -128,7 +136,14 @@ class CZMConv2d(nn.Conv2d):
         del self.weight
         self.v = nn.Parameter(torch.empty_like(template))
         self.g = nn.Parameter(template.new_empty(out_channels))
+        self.step_losses: dict[str, torch.Tensor] = {}
         self.reset_parameters()
+        track_step_layers(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled and deep-copied layers are made without __init__: they take part too.
+        super().__setstate__(state)
+        track_step_layers(self)
 
     def __getattr__(self, name: str) -> Any:
         if name == "weight" and "v" in self._parameters:
@@ -156,26 +171,53 @@ class CZMConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
 
-    def extra_loss(self) -> torch.Tensor | None:
-        """LUMA (section 3.4): scalar ``luma * sum_f (||V_f|| - 1)^2``.
+    def luma_loss(self) -> torch.Tensor | None:
+        """LUMA (section 3.4): scalar ``luma * sum_f (||V_f|| - 1)^2``, in the autograd graph.
 
-        None when ``luma`` is 0 or ``v`` is frozen (a constant would only clutter the loss log).
+        None when ``luma`` is 0 or ``v`` is frozen. The layer applies its gradient itself at
+        every optimizer step; adding this value to a loss as well would apply it twice.
         """
         if self.luma == 0 or not self.v.requires_grad:
             return None
         return self.luma * (_filter_norms(self.v) - 1.0).square().sum()
 
     @torch.no_grad()
-    def after_backward(self) -> None:
+    def correct_gradient(self) -> None:
         """CZMG (section 3.3): ``grad_V -= zmg * mean over (kh, kw) of grad_V``, in place.
 
-        Call once per optimizer step, after the gradients are complete (accumulated and
-        all-reduced) and before the step; a second call on the same gradient subtracts again.
+        A second call on the same gradient subtracts again; :meth:`before_optimizer_step` calls
+        it once per optimizer step.
         """
         grad = self.v.grad
         if grad is None or self.zmg == 0:
             return
         grad.sub_(grad.mean(dim=(-2, -1), keepdim=True), alpha=self.zmg)
+
+    def before_optimizer_step(self) -> dict[str, torch.Tensor]:
+        """LUMA's gradient added to ``grad_V``, then CZMG: once per optimizer step.
+
+        Run by torch's optimizer step pre-hook (:mod:`norm_det.layers.protocol`) on the complete
+        gradient of the step. The result equals the old recipe — LUMA added to the loss of each
+        of the step's passes with the passes' weights (summing to 1), CZMG on the accumulated
+        gradient before the step — whatever the loop does. Without a task gradient (``v`` unused
+        in the forward) the gradient is LUMA's alone, as a loss term would have given.
+
+        Returns:
+            ``{"loss_luma": value}`` (detached; empty when LUMA is off), for logging.
+        """
+        values: dict[str, torch.Tensor] = {}
+        with torch.enable_grad():
+            loss = self.luma_loss()
+            if loss is not None:
+                (luma_grad,) = torch.autograd.grad(loss, self.v)
+        if loss is not None:
+            if self.v.grad is None:
+                self.v.grad = luma_grad
+            else:
+                self.v.grad.add_(luma_grad)
+            values["loss_luma"] = loss.detach()
+        self.correct_gradient()
+        return values
 
     @torch.no_grad()
     def load_plain_weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

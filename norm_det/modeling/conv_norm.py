@@ -17,7 +17,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from norm_det.schemes import Scheme, build_conv_norm, get_scheme
+from norm_det.schemes import (
+    Scheme,
+    build_conv_norm,
+    get_scheme,
+    image_conv_scheme,
+    predictor_scheme,
+)
+
+# The role rules live in norm_det.schemes (one place for every route); model code imports them
+# from here with the rest of its building blocks.
+__all__ = [
+    "ConvNormAct",
+    "SchemeSpec",
+    "image_conv_scheme",
+    "init_plain_layers",
+    "init_predictor",
+    "predictor_scheme",
+    "resolve_scheme",
+]
 
 SchemeSpec = str | Mapping[str, Any] | Scheme | None
 
@@ -28,16 +46,6 @@ def resolve_scheme(spec: SchemeSpec, key: str) -> Scheme:
         return get_scheme(spec or None)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{key}: {error}") from None
-
-
-def image_conv_scheme(scheme: Scheme) -> Scheme:
-    """The scheme of the first convolution on the image.
-
-    Schemes that declare ``keep_first_conv_plain`` (CZM: the image has no mean shift to reject)
-    get a plain convolution with bias and no norm there, as :func:`norm_det.surgery.convert`
-    does; every other scheme is returned unchanged.
-    """
-    return get_scheme("none") if scheme.keep_first_conv_plain else scheme
 
 
 class ConvNormAct(nn.Sequential):

@@ -135,7 +135,8 @@ def test_load_pretrained_backbone_into_a_detector(resnet18, reference, tmp_path)
     report = load_pretrained_backbone(model, tmp_path / "resnet18.pth", "PWS")
     assert report["backbone"] == "backbone.body"
     assert report["left_out"] == ["fc.weight", "fc.bias"]
-    assert report["loaded"] == 60  # 20 convolutions: weight, alpha, bias
+    # 20 convolutions: weight, alpha, bias, and init_alpha's flag that keeps the loaded alpha
+    assert report["loaded"] == 80
     x = torch.randn(2, 3, 64, 64)
     expected = warm_start(reference, "PWS")
     with torch.no_grad():

@@ -108,8 +108,11 @@ def max_difference(a: nn.Module, b: nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
+# PWS's default init_alpha reads one batch statistic, once: the first pass's variance sets
+# alpha, so accumulation starts from another alpha than the large batch (by design).
 @pytest.mark.parametrize(
-    "scheme", ["none", "GN(groups=4)", "GN+WS(groups=4)", "PWS", "FrozenBN", "CZM"]
+    "scheme",
+    ["none", "GN(groups=4)", "GN+WS(groups=4)", "PWS(init_alpha=False)", "FrozenBN", "CZM"],
 )
 def test_accumulated_passes_equal_one_large_batch_without_batch_statistics(scheme):
     images, targets = regression_data(6)
@@ -169,7 +172,7 @@ def test_with_batch_statistics_each_pass_normalizes_with_its_own(scheme):
 
 def test_trainer_accumulates_passes_of_the_config_batch(tmp_path):
     """The config-driven Trainer: IMS_PER_BATCH 4 in 2 passes of 2 images equals 1 pass of 4
-    (the toy model has GroupNorm only); after_backward hooks run once per optimizer step."""
+    (the toy model has GroupNorm only); a layer's optimizer-step work runs once per step."""
     runs = {}
     for steps in (1, 2):
         cfg = toy_cfg(tmp_path / str(steps), "SOLVER.ACCUMULATE_STEPS", str(steps))
@@ -179,7 +182,7 @@ def test_trainer_accumulates_passes_of_the_config_batch(tmp_path):
         trainer.train()
         runs[steps] = trainer
     assert runs[1].data_loader.batch_size == 4 and runs[2].data_loader.batch_size == 2
-    assert runs[2].model.anchor.after_backward_calls == 6  # MAX_ITER, not 12 passes
+    assert runs[2].model.anchor.step_calls == 6  # MAX_ITER, not 12 passes
     assert runs[2].hooks[-1].losses == pytest.approx(runs[1].hooks[-1].losses, rel=1e-5)
     for (name, a), b in zip(
         runs[1].model.state_dict().items(), runs[2].model.state_dict().values()

@@ -30,7 +30,7 @@ def test_loss_goes_down_and_metrics_are_written(tmp_path):
     # The LR written with each line is the one of that line's iteration (multistep at 30).
     lrs = {r["iteration"]: r["lr"] for r in records if "lr" in r}
     assert lrs == pytest.approx({10: 0.05, 20: 0.05, 30: 0.05, 40: 0.005})
-    # total_loss is the sum of the terms, the extra loss included.
+    # total_loss is the sum of the terms, the penalty a layer applied at the step included.
     last = next(r for r in records if r["iteration"] == 40 and "total_loss" in r)
     assert last["total_loss"] == pytest.approx(
         last["loss_mse"] + last["loss_l1"] + last["loss_toy_anchor"]
@@ -45,7 +45,7 @@ def test_loss_goes_down_and_metrics_are_written(tmp_path):
     assert (tmp_path / "model_final.pth").is_file()
 
 
-def test_extra_loss_and_after_backward_hooks_are_applied(tmp_path):
+def test_layers_optimizer_step_work_is_applied_once_per_step_and_logged(tmp_path):
     torch.manual_seed(0)
     model = ToyDetector()
     cfg = toy_cfg(tmp_path, "SOLVER.MOMENTUM", "0.0", "SOLVER.WEIGHT_DECAY", "0.0")
@@ -53,18 +53,31 @@ def test_extra_loss_and_after_backward_hooks_are_applied(tmp_path):
     trainer = SimpleTrainer(model, ToyTrainLoader(batch_size=4, seed=0), optimizer)
 
     images, targets = next(iter(ToyTrainLoader(batch_size=4, seed=0)))
-    losses = trainer.losses(images, targets)
-    assert set(losses) == {"loss_mse", "loss_l1", "loss_toy_anchor"}
-    expected_anchor = 0.01 * (model.anchor.scale.norm() - 1.0) ** 2
-    assert losses["loss_toy_anchor"].item() == pytest.approx(expected_anchor.item())
+    assert set(trainer.losses(images, targets)) == {"loss_mse", "loss_l1"}  # the model's own
+    expected_anchor = model.anchor.penalty().item()
+    recorder = _Penalties()
+    trainer.register_hooks([recorder])
 
     mean_before = model.anchor.scale.mean().item()
     trainer.train(0, 5)
-    assert model.anchor.after_backward_calls == 5
+    # Once per step: by the trainer before clipping; the step hook then finds it done.
+    assert model.anchor.step_calls == 5
+    assert recorder.penalties[0] == pytest.approx(expected_anchor)
+    assert len(recorder.penalties) == 5
     # The hook centred every gradient of `scale` before the step, so its mean did not move,
     # while the scale itself did.
     assert model.anchor.scale.mean().item() == pytest.approx(mean_before, abs=1e-6)
     assert not torch.allclose(model.anchor.scale, torch.linspace(0.5, 1.5, 8))
+
+
+class _Penalties(HookBase):
+    """The penalty the toy layer applied at every step, as the trainer logged it."""
+
+    def __init__(self):
+        self.penalties = []
+
+    def after_step(self):
+        self.penalties.append(self.trainer.storage.latest()["loss_toy_anchor"])
 
 
 class _PoisonAt(HookBase):
@@ -90,7 +103,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         trainer.train()
     message = str(excinfo.value)
     assert "iteration 5: loss_l1=nan" in message
-    assert "loss_mse=" in message and "loss_toy_anchor=" in message  # the finite terms
+    assert "(finite: loss_mse=" in message  # the finite terms
     assert str(tmp_path / "model_0000004.pth") in message
 
     assert not (tmp_path / "model_final.pth").exists()

@@ -1,8 +1,9 @@
 """A tiny regression "detector", its data and evaluator, and a Trainer that builds them.
 
 The model follows the detection interface (``model(images, targets)`` returns a loss dict in
-training and per-image dicts in eval) and holds a scheme-like layer with ``extra_loss`` and
-``after_backward``, so the trainer's protocol hooks are exercised without any real scheme.
+training and per-image dicts in eval) and holds a scheme-like layer with ``before_optimizer_step``
+(a penalty's gradient and a gradient rule at every optimizer step), so the layer protocol is
+exercised without any real scheme.
 """
 
 from __future__ import annotations
@@ -13,36 +14,42 @@ from torch import nn
 from norm_det.config import get_cfg
 from norm_det.engine import Trainer
 from norm_det.evaluation.distributed import all_gather_object, get_rank, get_world_size
+from norm_det.layers import track_step_layers
 
 IMAGE_SIZE = 6
 
 
 class AnchoredScale(nn.Module):
-    """A per-channel scale with a unit-norm anchoring loss and a gradient centring hook.
+    """A per-channel scale with a unit-norm anchoring penalty and a gradient centring rule.
 
-    ``after_backward`` removes the mean of the scale's gradient, so under plain SGD the mean of
-    ``scale`` never changes: a property the tests check.
+    At every optimizer step (``before_optimizer_step``, run by torch's step hook) the penalty's
+    gradient is added and the mean of the scale's gradient removed, so under plain SGD the mean
+    of ``scale`` never changes: a property the tests check.
     """
 
     _no_weight_decay = ("scale",)
-    extra_loss_name = "toy_anchor"
 
     def __init__(self, channels: int, weight: float = 0.01) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, channels))
         self.weight = weight
-        self.after_backward_calls = 0
+        self.step_calls = 0
+        track_step_layers(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale
 
-    def extra_loss(self) -> torch.Tensor:
+    def penalty(self) -> torch.Tensor:
         return self.weight * (self.scale.norm() - 1.0) ** 2
 
-    def after_backward(self) -> None:
-        self.after_backward_calls += 1
-        if self.scale.grad is not None:
-            self.scale.grad -= self.scale.grad.mean()
+    def before_optimizer_step(self) -> dict[str, torch.Tensor]:
+        self.step_calls += 1
+        with torch.enable_grad():
+            value = self.penalty()
+            (gradient,) = torch.autograd.grad(value, self.scale)
+        total = gradient if self.scale.grad is None else self.scale.grad + gradient
+        self.scale.grad = total - total.mean()
+        return {"loss_toy_anchor": value.detach()}
 
 
 class ToyDetector(nn.Module):

@@ -25,7 +25,7 @@ from detectron2.structures import Boxes
 from norm_det import convert, fuse
 from norm_det.layers import CZMConv2d, FrozenBatchNorm2d, GroupNorm, PWSConv2d
 from norm_det.schemes import get_scheme
-from tests.integrations.test_detectron2 import _instances_batch, _loss
+from tests.integrations.test_detectron2 import _loss, instances_batch
 from tests.model_utils import randomize_norms
 from tests.model_utils import relative_error as _relative_error
 
@@ -175,7 +175,7 @@ def test_convert_to_a_conv_scheme_gives_its_layers_and_trains(mask_rcnn, image, 
     assert all(p.requires_grad for p in backbone.bottom_up.res3.parameters())
 
     model.train()
-    batch = _instances_batch()
+    batch = instances_batch()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     before = _loss(model, batch)
     before.backward()

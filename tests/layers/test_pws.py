@@ -115,6 +115,8 @@ def test_a_constant_batch_defers_and_a_non_finite_one_is_refused() -> None:
 
 
 def test_scheme_option() -> None:
-    assert get_scheme("PWS").conv(4, 4, 3).init_alpha is False
-    conv = get_scheme("PWS(init_alpha=True, gamma=1e-3)").conv(4, 4, 3)
-    assert conv.init_alpha is True and conv.gamma == 1e-3
+    # The scheme defaults to the release's data-dependent alpha; the layer to eq. 12's alpha = 1.
+    assert get_scheme("PWS").conv(4, 4, 3).init_alpha is True
+    assert PWSConv2d(4, 4, 3).init_alpha is False
+    conv = get_scheme("PWS(init_alpha=False, gamma=1e-3)").conv(4, 4, 3)
+    assert conv.init_alpha is False and conv.gamma == 1e-3

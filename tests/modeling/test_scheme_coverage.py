@@ -2,8 +2,9 @@
 
 For each of the four models and each registered scheme (new schemes are picked up from the
 registry), every convolution, norm, linear and transposed convolution is compared with the layer
-the scheme builds for the same geometry; no norm of another kind may remain, and no parameter
-may live outside the checked layers.
+the scheme builds for the same geometry — predictors with the layer of the scheme's predictor
+rule (plain unless the scheme replaces predictors); no norm of another kind may remain, and no
+parameter may live outside the checked layers.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from norm_det.schemes import (
     build_linear,
     build_norm,
     get_scheme,
+    predictor_scheme,
 )
-from norm_det.surgery import is_norm
+from norm_det.surgery import is_norm, predictor_paths
 from tests.modeling.tiny import NORM_KEYS, tiny_batch, tiny_cfg
 
 # Narrow test layers make GroupNorm fall back to fewer groups, with a warning.
@@ -75,11 +77,15 @@ def _geometry(conv: nn.Module) -> dict:
     )
 
 
-def expected_layer(scheme: str, role: str, layer: nn.Module, first: bool) -> nn.Module:
+def expected_layer(
+    scheme: str, role: str, layer: nn.Module, first: bool, predictor: bool = False
+) -> nn.Module:
     """The layer ``scheme`` builds for ``layer``'s geometry (the reference)."""
     resolved = get_scheme(scheme)
     if first and resolved.keep_first_conv_plain:
         resolved = get_scheme("none")
+    if predictor:
+        resolved = predictor_scheme(resolved)
     if role == "pair_conv":
         return build_conv_norm(
             resolved, layer.in_channels, layer.out_channels, layer.kernel_size, **_geometry(layer)
@@ -132,15 +138,18 @@ def scheme_layers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
 def check_model(arch: str, model: nn.Module, schemes: dict[str, str]) -> dict[str, int]:
     """Assert every layer of ``model`` is of the scheme of its region; count layers by role."""
     layers = scheme_layers(model)
-    counts = dict.fromkeys(("pair_conv", "lone_conv", "deconv", "linear", "norm"), 0)
+    predictors = tuple(predictor_paths(model))
+    counts = dict.fromkeys(("pair_conv", "lone_conv", "deconv", "linear", "norm", "predictor"), 0)
     for path, (role, layer) in layers.items():
         key = next((k for prefix, k in REGIONS[arch].items() if path.startswith(prefix)), None)
         assert key is not None, f"{arch}: layer {path} is outside every norm key's region"
         first = path == FIRST_CONV[arch] or path == FIRST_CONV[arch].replace(".conv", ".norm")
+        predictor = any(path == p or path.startswith(p + ".") for p in predictors)
+        counts["predictor"] += predictor
         if role == "norm" and first and get_scheme(schemes[key]).keep_first_conv_plain:
             expected = nn.Identity()
         else:
-            expected = expected_layer(schemes[key], role, layer, first)
+            expected = expected_layer(schemes[key], role, layer, first, predictor)
         assert type(layer) is type(expected), (
             f"{arch} with MODEL.{key}.NORM={schemes[key]!r}: {path} ({role}) is "
             f"{type(layer).__name__}, the scheme builds {type(expected).__name__}"
@@ -170,6 +179,12 @@ def test_every_covered_layer_is_of_the_scheme(arch: str, scheme: str) -> None:
     assert counts["norm"] == counts["pair_conv"]
     if arch == "MaskRCNN":
         assert counts["linear"] == 4 and counts["deconv"] == 1  # fc6, fc7, cls, bbox; mask deconv
+        # RPN objectness and deltas, class scores and box deltas, mask logits.
+        assert counts["predictor"] == 5
+    if arch == "SSD":
+        assert counts["predictor"] == 12  # a classifier and a regressor on each of 6 maps
+    if arch == "DeepLabV3":
+        assert counts["predictor"] == 1
     # A scheme with a norm leaves no norm of another kind (no BatchNorm in a GN or NDPP model).
     norm_types = {type(m) for m in model.modules() if is_norm(m)}
     if resolved.norm is None:

@@ -20,6 +20,7 @@ from norm_det.modeling.conv_norm import (
     SchemeSpec,
     init_plain_layers,
     init_predictor,
+    predictor_scheme,
     resolve_scheme,
 )
 from norm_det.schemes import build_conv
@@ -73,7 +74,7 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Head(nn.Sequential):
-    """ASPP and a 1x1 classifier (the scheme's lone convolution).
+    """ASPP and a 1x1 classifier (a predictor: plain unless the scheme replaces predictors).
 
     Shapes:
         ``(N, in_channels, H, W) -> (N, num_classes, H, W)`` logits at the backbone's stride.
@@ -97,6 +98,6 @@ class DeepLabV3Head(nn.Sequential):
             dropout=aspp_dropout,
             norm=scheme,
         )
-        predictor = build_conv(scheme, aspp_channels, num_classes, 1)
+        predictor = build_conv(predictor_scheme(scheme), aspp_channels, num_classes, 1)
         init_predictor(predictor, std=0.001)
         super().__init__(OrderedDict(aspp=aspp, predictor=predictor))

@@ -3,7 +3,8 @@
 Girshick, "Fast R-CNN", ICCV 2015; the "2fc" head of Lin et al., FPN, CVPR 2017, and the
 "4conv1fc" head with a norm after every convolution of Wu & He, "Group Normalization", §6
 (Detectron's ``FastRCNNConvFCHead``). Convolutions come in conv+norm pairs of the scheme; the
-fully connected layers and the predictor are the scheme's linear layers.
+fully connected layers are the scheme's linear layers, the predictor's follow its predictor rule
+(:func:`norm_det.schemes.predictor_scheme`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from norm_det.modeling.conv_norm import (
     SchemeSpec,
     init_plain_layers,
     init_predictor,
+    predictor_scheme,
     resolve_scheme,
 )
 from norm_det.schemes import build_linear
@@ -75,7 +77,7 @@ class FastRCNNPredictor(nn.Module):
     Args:
         in_features: width of the box head's output.
         num_classes: foreground classes + 1.
-        norm: the scheme of the two linear layers.
+        norm: the scheme whose predictor rule builds the two linear layers.
 
     Shapes:
         ``(R, in_features) -> ((R, num_classes), (R, 4 * num_classes))``.
@@ -83,7 +85,7 @@ class FastRCNNPredictor(nn.Module):
 
     def __init__(self, *, in_features: int, num_classes: int, norm: SchemeSpec) -> None:
         super().__init__()
-        scheme = resolve_scheme(norm, "MODEL.ROI_BOX_HEAD.NORM")
+        scheme = predictor_scheme(resolve_scheme(norm, "MODEL.ROI_BOX_HEAD.NORM"))
         self.cls_score = build_linear(scheme, in_features, num_classes)
         self.bbox_pred = build_linear(scheme, in_features, 4 * num_classes)
         init_predictor(self.cls_score, std=0.01)

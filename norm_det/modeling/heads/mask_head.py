@@ -2,7 +2,8 @@
 
 He et al., "Mask R-CNN", ICCV 2017 (the FPN mask head, Fig. 4 right); a norm after each
 convolution as in Wu & He, "Group Normalization", §6. The deconvolution is the scheme's
-transposed convolution, the predictor its lone convolution.
+transposed convolution, the predictor a lone convolution of the scheme's predictor rule
+(:func:`norm_det.schemes.predictor_scheme`: plain unless the scheme's paper says otherwise).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from norm_det.modeling.conv_norm import (
     SchemeSpec,
     init_plain_layers,
     init_predictor,
+    predictor_scheme,
     resolve_scheme,
 )
 from norm_det.schemes import build_conv, build_conv_transpose
@@ -47,7 +49,7 @@ class MaskRCNNPredictor(nn.Sequential):
     Args:
         in_channels: channels of the mask head's output (also the deconvolution's width).
         num_classes: foreground classes + 1 (torchvision's layout; channel 0 is unused).
-        norm: the scheme of both layers.
+        norm: the scheme of the deconvolution; the predictor follows its predictor rule.
 
     Shapes:
         ``(R, in_channels, S, S) -> (R, num_classes, 2S, 2S)`` mask logits.
@@ -59,7 +61,7 @@ class MaskRCNNPredictor(nn.Sequential):
             OrderedDict(
                 conv5_mask=build_conv_transpose(scheme, in_channels, in_channels, 2, stride=2),
                 relu=nn.ReLU(inplace=True),
-                mask_fcn_logits=build_conv(scheme, in_channels, num_classes, 1),
+                mask_fcn_logits=build_conv(predictor_scheme(scheme), in_channels, num_classes, 1),
             )
         )
         init_plain_layers(self.conv5_mask, "msra")

@@ -3,7 +3,7 @@
 Ren et al., "Faster R-CNN: Towards Real-Time Object Detection with Region Proposal Networks",
 NeurIPS 2015; one head over all FPN levels as in Lin et al., FPN, CVPR 2017. The 3x3 convolution
 takes the scheme's norm (``MODEL.RPN.NORM``, a norm_det addition: Detectron's RPN head has none);
-the two 1x1 predictors are the scheme's lone convolutions.
+the two 1x1 predictors follow the scheme's predictor rule (plain unless it replaces predictors).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from norm_det.modeling.conv_norm import (
     SchemeSpec,
     init_plain_layers,
     init_predictor,
+    predictor_scheme,
     resolve_scheme,
 )
 from norm_det.schemes import build_conv
@@ -39,8 +40,9 @@ class RPNHead(nn.Module):
         super().__init__()
         scheme = resolve_scheme(norm, "MODEL.RPN.NORM")
         self.conv = ConvNormAct(scheme, in_channels, in_channels, 3)
-        self.cls_logits = build_conv(scheme, in_channels, num_anchors, 1)
-        self.bbox_pred = build_conv(scheme, in_channels, 4 * num_anchors, 1)
+        predictor = predictor_scheme(scheme)
+        self.cls_logits = build_conv(predictor, in_channels, num_anchors, 1)
+        self.bbox_pred = build_conv(predictor, in_channels, 4 * num_anchors, 1)
         init_plain_layers(self.conv, "normal", std=0.01)
         init_predictor(self.cls_logits, std=0.01)
         init_predictor(self.bbox_pred, std=0.01)

@@ -2,7 +2,8 @@
 
 Liu et al., "SSD: Single Shot MultiBox Detector", ECCV 2016, §2.1. Built on torchvision's
 ``SSDScoringHead`` (which flattens per-map outputs into per-anchor rows); the convolutions are
-the scheme's lone convolutions instead of torchvision's plain ones.
+predictors, of the scheme's predictor rule (:func:`norm_det.schemes.predictor_scheme`: plain
+unless the scheme replaces predictors, as ND and ND++ do).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.ssd import SSDScoringHead
 
-from norm_det.modeling.conv_norm import SchemeSpec, resolve_scheme
+from norm_det.modeling.conv_norm import SchemeSpec, predictor_scheme, resolve_scheme
 from norm_det.schemes import build_conv
 
 
@@ -24,7 +25,7 @@ class SSDHead(nn.Module):
         in_channels: channels of each feature map.
         num_anchors: default boxes per position on each map.
         num_classes: foreground classes + 1.
-        norm: the scheme of the predictors.
+        norm: the scheme whose predictor rule builds the predictors.
 
     Shapes:
         ``forward([(N, in_channels[i], H_i, W_i)])`` -> ``{"bbox_regression": (N, A, 4),
@@ -41,7 +42,7 @@ class SSDHead(nn.Module):
         norm: SchemeSpec,
     ) -> None:
         super().__init__()
-        scheme = resolve_scheme(norm, "MODEL.SSD.NORM")
+        scheme = predictor_scheme(resolve_scheme(norm, "MODEL.SSD.NORM"))
 
         def predictors(columns: int) -> nn.ModuleList:
             layers = nn.ModuleList(

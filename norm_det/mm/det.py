@@ -1,0 +1,8 @@
+"""``python -m norm_det.mm.det train|test CONFIG ...``: :mod:`norm_det.mm` for an mmdet config."""
+
+import sys
+
+from norm_det.mm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(framework="mmdet"))
