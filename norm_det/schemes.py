@@ -38,6 +38,7 @@ from torch import nn
 from norm_det.layers import FrozenBatchNorm2d, GroupNorm, PWSConv2d, SyncBatchNorm, WSConv2d
 from norm_det.layers.czm import MultiplicativeNoise, check_czm_options, czm_conv2d
 from norm_det.layers.deconv import DeconvConv2d, DeconvConvTranspose2d, DeconvLinear
+from norm_det.layers.group_norm import DEFAULT_GROUPS
 from norm_det.layers.iternorm import IterNorm
 
 NormFactory = Callable[[int], nn.Module]
@@ -388,9 +389,23 @@ def _frozen_bn(eps: float = 1e-5) -> Scheme:
     return Scheme(conv=nn.Conv2d, norm=partial(FrozenBatchNorm2d, eps=eps))
 
 
+class _DefaultGroups(int):
+    """GN's default group count: an ``int`` that says the ``groups`` option was not given."""
+
+
+# Groups a user gives must divide every width the norm meets (else a ValueError naming them); only
+# the default falls back to fewer groups on narrow layers (norm_det.layers.GroupNorm).
+_DEFAULT_GROUPS = _DefaultGroups(DEFAULT_GROUPS)
+
+
+def _group_norm(groups: int, eps: float) -> NormFactory:
+    strict = not isinstance(groups, _DefaultGroups)
+    return partial(GroupNorm, num_groups=int(groups), eps=eps, strict=strict)
+
+
 @register_scheme("GN", aliases=("GroupNorm",), paper=_GN_PAPER)
-def _gn(groups: int = 32, eps: float = 1e-5) -> Scheme:
-    return Scheme(conv=nn.Conv2d, norm=partial(GroupNorm, num_groups=groups, eps=eps))
+def _gn(groups: int = _DEFAULT_GROUPS, eps: float = 1e-5) -> Scheme:
+    return Scheme(conv=nn.Conv2d, norm=_group_norm(groups, eps))
 
 
 @register_scheme(
@@ -398,10 +413,8 @@ def _gn(groups: int = 32, eps: float = 1e-5) -> Scheme:
     aliases=("WS+GN", "GNWS"),
     paper="Qiao et al., Weight Standardization, 2019; " + _GN_PAPER,
 )
-def _gn_ws(groups: int = 32, eps: float = 1e-5, ws_eps: float = 1e-5) -> Scheme:
-    return Scheme(
-        conv=partial(WSConv2d, eps=ws_eps), norm=partial(GroupNorm, num_groups=groups, eps=eps)
-    )
+def _gn_ws(groups: int = _DEFAULT_GROUPS, eps: float = 1e-5, ws_eps: float = 1e-5) -> Scheme:
+    return Scheme(conv=partial(WSConv2d, eps=ws_eps), norm=_group_norm(groups, eps))
 
 
 @register_scheme(

@@ -471,6 +471,14 @@ def _new_conv(factory: Callable[..., nn.Module], conv: nn.Conv2d, bias: bool) ->
     )
 
 
+def _built_norm(factory: Callable[[int], nn.Module], channels: int, where: str) -> nn.Module:
+    """``factory(channels)``; its ValueError (GN groups that do not divide) names ``where``."""
+    try:
+        return factory(channels)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
+
+
 def _transfer_norm(source: nn.Module, target: nn.Module) -> None:
     """Copy the tensors the two norms share (affine parameters, statistics) with equal shapes."""
     with torch.no_grad():
@@ -555,7 +563,10 @@ class _Converter:
         replacement = None if factory is nn.Conv2d else _new_conv(factory, conv, with_bias)
         plain = replacement is None or type(replacement) is nn.Conv2d
         kept_plain = plain and not hasattr(conv, "fuse")
-        new_norm = None if norm_factory is None else norm_factory(conv.out_channels)
+        new_norm = None
+        if norm_factory is not None:
+            where = f"the norm after convolution '{path}'"
+            new_norm = _built_norm(norm_factory, conv.out_channels, where)
         if self._already_built(conv, norm, kept_plain, replacement, new_norm):
             return conv, norm
         if new_norm is not None:
@@ -652,7 +663,7 @@ class _Converter:
             channels = norm_channels(module)
             if channels is None:
                 return module
-            new = self.scheme.norm(channels)
+            new = _built_norm(self.scheme.norm, channels, f"norm '{path}'")
             if _same_layer(module, new):
                 return module
             new = _place_like(new, module)

@@ -9,6 +9,8 @@ See ``--help`` for examples, and docs/training.md.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from norm_det.config import load_config
 from norm_det.engine import (
     Checkpointer,
@@ -51,5 +53,6 @@ if __name__ == "__main__":
         args.num_gpus,
         dist_url=args.dist_url,
         backend=args.dist_backend,
+        timeout=timedelta(seconds=args.dist_timeout),
         args=(args,),
     )

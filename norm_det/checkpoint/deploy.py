@@ -175,7 +175,10 @@ def deploy_config(cfg: CfgNode, *, allow_inexact: bool = False) -> CfgNode:
                 "accept the difference with allow_inexact=True"
             )
         if scheme.name in ("GN", "GN+WS"):
-            node.NORM = f"GN(groups={scheme.options.get('groups', 32)})"
+            # The default count stays the default (it falls back on narrow layers as built).
+            node.NORM = (
+                f"GN(groups={scheme.options['groups']})" if "groups" in scheme.options else "GN"
+            )
         else:
             node.NORM = "none"
     return fused

@@ -1,114 +1,35 @@
-"""Reading checkpoint files safely, and writing them atomically.
+"""Reading weight files safely, and writing them atomically: :mod:`norm_det.files`.
 
-Files from outside are data, not programs. Anything torch wrote is read with
-``torch.load(weights_only=True)``, which builds tensors and plain containers only. A pickle
-(detectron2's and Caffe2's ``.pkl`` model files) can run code when loaded, so norm_det reads one
-only when the caller opts in (``allow_pickle=True``, ``--allow-pickle``), and even then through an
-unpickler that builds nothing but NumPy arrays and Python containers: a file that names any other
-class is refused with that class in the message. A torch file that ``weights_only`` cannot read
-(mmdet checkpoints carrying mmengine objects) is read in full only after the same opt-in.
-
-Writing goes through the trainer's atomic helper: a crash leaves the old file or the new one.
+A file's format is decided by its bytes, never by its name, and nothing a file names is ever
+run: torch files are read with ``torch.load(weights_only=True)`` (their other Python objects,
+after the ``allow_pickle`` opt-in, as inert placeholders); a pickle (detectron2's and Caffe2's
+``.pkl`` model files) only after the opt-in, and even then NumPy arrays and containers only.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from norm_det.files import atomic_save, atomic_write, read_weight_file
+
 PICKLE_SUFFIXES = (".pkl", ".pickle")
-
-# What a model file may build: NumPy arrays and scalars, and plain containers.
-_ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("builtins", "bytearray"),
-    # Protocol-2 pickles (Caffe2 / Detectron model files) spell bytes as _codecs.encode(str).
-    ("_codecs", "encode"),
-}
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Builds NumPy arrays and containers; refuses every other class."""
-
-    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
-        super().__init__(file, encoding="latin1")
-        self._source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise ValueError(
-            f"{self._source}: refusing to build {module}.{name} while reading a pickle; norm_det "
-            "reads only NumPy arrays and plain containers from .pkl model files"
-        )
-
-
-def _pickle_refused(source: str) -> ValueError:
-    return ValueError(
-        f"{source} is a pickle, which can run code when loaded; norm_det reads one only after "
-        "you opt in because you trust the file: pass allow_pickle=True (--allow-pickle on the "
-        "command line)"
-    )
 
 
 def load_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> Any:
-    """The object stored in a checkpoint file, read as safely as its format allows.
-
-    Args:
-        path: a torch file (``.pth``, ``.pt``, ``.bin``...) or a pickle (``.pkl``).
-        allow_pickle: read pickles (NumPy arrays and containers only), and torch files that
-            hold more than tensors and containers.
+    """The object stored in a weight file: :func:`norm_det.files.read_weight_file`.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a pickle without ``allow_pickle``, or a file that holds other objects.
+        norm_det.files.WeightFileError: (a ``ValueError``) the file cannot be read safely; the
+            message names it and says why.
     """
-    path = Path(path)
-    source = f"'{path}'"
-    if not path.is_file():
-        raise FileNotFoundError(f"{source}: checkpoint file does not exist")
-    if zipfile.is_zipfile(path):  # torch's format, whatever the suffix
-        return _torch_load(path, source, allow_pickle)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise _pickle_refused(source)
-        with open(path, "rb") as file:
-            try:
-                return _ArraysOnlyUnpickler(file, source).load()
-            except (pickle.UnpicklingError, EOFError) as error:
-                raise ValueError(f"{source}: not a readable pickle ({error})") from None
-    return _torch_load(path, source, allow_pickle)
-
-
-def _torch_load(path: Path, source: str, allow_pickle: bool) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if not allow_pickle:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ValueError(
-                f"{source} holds Python objects besides tensors and containers, which "
-                f"torch.load(weights_only=True) refuses ({first_line}); if you trust the file, "
-                "pass allow_pickle=True (--allow-pickle) to read it in full"
-            ) from None
-    except (RuntimeError, EOFError) as error:
-        raise ValueError(f"{source}: not a readable torch checkpoint ({error})") from None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_weight_file(path, allow_pickle=allow_pickle)
 
 
 def save_file(obj: Any, path: str | os.PathLike, *, as_pickle: bool = False) -> Path:
@@ -117,13 +38,10 @@ def save_file(obj: Any, path: str | os.PathLike, *, as_pickle: bool = False) -> 
     A plain pickle holds NumPy arrays where ``obj`` holds tensors, as detectron2's ``.pkl`` model
     files do.
     """
-    # Imported here: the engine package imports much of norm_det, the checkpoint package little.
-    from norm_det.engine.checkpoint import _atomic_write, atomic_save
-
     path = Path(path)
     if as_pickle:
         data = _to_numpy(obj)
-        _atomic_write(path, lambda file: pickle.dump(data, file, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write(path, lambda file: pickle.dump(data, file, protocol=pickle.HIGHEST_PROTOCOL))
     else:
         atomic_save(obj, path)
     return path

@@ -14,6 +14,7 @@ import copy
 import difflib
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ __all__ = ["CONFIGS_DIR", "CfgNode", "find_config_file", "get_cfg", "load_config
 
 # The repository's configs/ folder (the package is installed in editable mode next to it).
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The files whose _BASE_ chain is being loaded, outermost first (fvcore loads bases recursively).
+_LOADING: ContextVar[tuple[str, ...]] = ContextVar("_LOADING", default=())
 
 
 class CfgNode(_FvcoreCfgNode):
@@ -44,6 +47,27 @@ class CfgNode(_FvcoreCfgNode):
             raise ValueError(f"config file '{path}' holds {type(loaded).__name__}, not a mapping")
         _check_known_keys(self, loaded, source=f"config file '{path}'")
         self.merge_from_other_cfg(type(self)(loaded))
+
+    @classmethod
+    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False) -> dict[str, Any]:
+        """fvcore's loader, refusing a ``_BASE_`` chain that comes back to a file already in it.
+
+        Raises:
+            ValueError: a file is its own base, directly or through others; the message lists
+                the chain (``_BASE_ cycle: a.yaml -> b.yaml -> a.yaml``).
+        """
+        chain = _LOADING.get()
+        path = os.path.normpath(os.fspath(filename))
+        if any(os.path.realpath(p) == os.path.realpath(path) for p in chain):
+            raise ValueError(
+                f"{BASE_KEY} cycle: {' -> '.join((*chain, path))}; config file '{chain[-1]}' "
+                f"inherits from '{path}', which is already in its {BASE_KEY} chain"
+            )
+        token = _LOADING.set((*chain, path))
+        try:
+            return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        finally:
+            _LOADING.reset(token)
 
     def merge_from_list(self, cfg_list: Sequence[str]) -> None:
         if len(cfg_list) % 2:

@@ -8,6 +8,13 @@ killed process never leaves a truncated checkpoint. ``last_checkpoint`` names th
 
 Loading weights into a model is strict: a file that does not fit the model fails with the first
 missing and unexpected keys rather than leaving layers silently at their initialization.
+
+What survives a bad file (docs/training.md, "Failures and recovery"): every file is read with
+:func:`norm_det.files.read_weight_file` (never running code; errors name the file and what is
+wrong); ``last_checkpoint`` may name only a file inside the output directory; ``--resume`` falls
+back past a newest checkpoint that cannot be read to the newest one that can, saying which it
+skipped and why; temporary files of killed writes are removed; and no checkpoint is written from
+a model or optimizer state holding NaN or inf.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,9 +32,17 @@ import torch
 from torch import nn
 
 from norm_det.evaluation.distributed import all_gather_object, get_rank, get_world_size
+from norm_det.files import (
+    WeightFileError,
+    atomic_save,
+    atomic_write,
+    read_weight_file,
+    remove_stale_temporaries,
+)
 
 __all__ = [
     "Checkpointer",
+    "NonFiniteStateError",
     "atomic_save",
     "capture_rng_state",
     "load_model_weights",
@@ -37,38 +52,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself must reach the disk; directories cannot be opened on every OS.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
-    _atomic_write(Path(path), lambda file: torch.save(obj, file))
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -152,6 +135,10 @@ def load_model_weights(
     model.load_state_dict(state_dict)
 
 
+class NonFiniteStateError(ValueError):
+    """A checkpoint was about to be written from parameters or optimizer state with NaN / inf."""
+
+
 class Checkpointer:
     """Save and restore the full training state in ``save_dir``.
 
@@ -174,7 +161,7 @@ class Checkpointer:
         self.optimizer = optimizer
         self.scheduler = scheduler
 
-    def save(self, name: str, *, iteration: int) -> Path:
+    def save(self, name: str, *, iteration: int, extra: Mapping[str, Any] | None = None) -> Path:
         """Write ``<save_dir>/<name>.pth`` and point ``last_checkpoint`` at it.
 
         Every process must call this: each contributes its random generator states. Rank 0
@@ -182,7 +169,14 @@ class Checkpointer:
 
         Args:
             iteration: the number of iterations done; training resumes with the next one.
+            extra: more training state of plain values (the metrics not yet written), which
+                :meth:`load` returns.
+
+        Raises:
+            NonFiniteStateError: a parameter, buffer or optimizer state holds NaN or inf (every
+                process checks, so all stop together); nothing is written.
         """
+        self.check_finite(name, iteration)
         rng_states = all_gather_object(capture_rng_state())
         path = self.save_dir / f"{name}.pth"
         if get_rank() != 0:
@@ -196,23 +190,91 @@ class Checkpointer:
             checkpoint["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
             checkpoint["scheduler"] = self.scheduler.state_dict()
+        if extra:
+            checkpoint["extra"] = dict(extra)
         atomic_save(checkpoint, path)
-        _atomic_write(self.save_dir / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
+        atomic_write(self.save_dir / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
         logger.info("saved checkpoint %s (iteration %d)", path, iteration)
         return path
 
-    def last_checkpoint(self) -> Path | None:
-        """The checkpoint ``last_checkpoint`` names, or ``None`` when there is none."""
+    def check_finite(self, name: str, iteration: int) -> None:
+        """Refuse to checkpoint a state with NaN or inf in it (see :meth:`save`)."""
+        tensors = [(f"model {k}", v) for k, v in self.model.state_dict().items()]
+        if self.optimizer is not None:
+            for index, state in self.optimizer.state_dict()["state"].items():
+                tensors += [
+                    (f"optimizer state {key} of parameter {index}", v) for key, v in state.items()
+                ]
+        floating = [(k, v) for k, v in tensors if torch.is_tensor(v) and v.is_floating_point()]
+        if not floating:
+            return
+        finite = torch.stack([torch.isfinite(v).all() for _, v in floating])
+        if bool(finite.all()):
+            return
+        bad = [k for (k, _), ok in zip(floating, finite.tolist()) if not ok]
+        last = self._pointer_target()
+        raise NonFiniteStateError(
+            f"refusing to write checkpoint '{self.save_dir / (name + '.pth')}' at iteration "
+            f"{iteration}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}). The loss was "
+            "finite, so the update itself diverged; "
+            + (f"the newest good checkpoint is '{last}'" if last else "no checkpoint was written")
+            + ". Lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS, then --resume."
+        )
+
+    def _pointer_target(self) -> Path | None:
+        """The file ``last_checkpoint`` names, if it is a plain name inside ``save_dir``."""
         pointer = self.save_dir / LAST_CHECKPOINT
         if not pointer.is_file():
             return None
-        path = self.save_dir / pointer.read_text().strip()
-        if not path.is_file():
+        name = pointer.read_text().strip()
+        if not name or Path(name).name != name or name in (".", ".."):
+            logger.warning(
+                "'%s' names %r, which is not a file name inside '%s'; ignored (a checkpoint "
+                "pointer never leaves the output directory)",
+                pointer,
+                name,
+                self.save_dir,
+            )
+            return None
+        return self.save_dir / name
+
+    def last_checkpoint(self) -> Path | None:
+        """The checkpoint ``last_checkpoint`` names, or ``None`` when there is none.
+
+        Raises:
+            FileNotFoundError: the pointer names a file that does not exist.
+        """
+        path = self._pointer_target()
+        if path is not None and not path.is_file():
             raise FileNotFoundError(
-                f"'{pointer}' names checkpoint '{path.name}', which does not exist in "
-                f"'{self.save_dir}'; delete the pointer or restore the file"
+                f"'{self.save_dir / LAST_CHECKPOINT}' names checkpoint '{path.name}', which does "
+                f"not exist in '{self.save_dir}'; delete the pointer or restore the file"
             )
         return path
+
+    def resume_candidates(self) -> list[Path]:
+        """Checkpoints to resume from, best first: the pointer's, then the others by iteration.
+
+        The others are ``save_dir``'s ``model_<iteration>.pth`` (newest first) and
+        ``model_final.pth`` (first among them).
+        """
+        found: list[Path] = []
+        target = self._pointer_target()
+        if target is not None and target.is_file():
+            found.append(target)
+
+        def order(path: Path) -> tuple[int, float]:
+            match = re.fullmatch(r"model_(\d+)\.pth", path.name)
+            number = (
+                int(match.group(1))
+                if match
+                else (1 << 62 if path.name == "model_final.pth" else -1)
+            )
+            return number, path.stat().st_mtime
+
+        others = [p for p in self.save_dir.glob("model_*.pth") if p.is_file() and p not in found]
+        found += sorted((p for p in others if order(p)[0] >= 0), key=order, reverse=True)
+        return found
 
     def load(
         self, path: str | os.PathLike, *, full: bool = True, source: str | None = None
@@ -224,14 +286,20 @@ class Checkpointer:
             source: how error messages name the file (default: its path).
 
         Returns:
-            ``{"iteration": int, "rng_state": dict | None}`` for a full checkpoint with an
-            iteration count, ``{}`` for weights only.
+            ``{"iteration": int, "rng_state": dict | None, "extra": dict}`` for a full
+            checkpoint with an iteration count, ``{}`` for weights only.
+
+        Raises:
+            FileNotFoundError: no such file.
+            norm_det.files.WeightFileError: the file cannot be read (truncated, empty, text, a
+                pickle ...); the message names it.
+            ValueError: it does not fit the model (:func:`load_model_weights`).
         """
         path = Path(path)
         source = source or f"'{path}'"
         if not path.is_file():
             raise FileNotFoundError(f"{source}: file does not exist")
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = read_weight_file(path)
         load_model_weights(self.model, _state_dict_of(loaded, source), source)
         if not (full and isinstance(loaded, Mapping) and "iteration" in loaded):
             logger.info("loaded model weights from %s", path)
@@ -253,13 +321,56 @@ class Checkpointer:
                 get_world_size(),
             )
         logger.info("resumed from %s at iteration %d", path, loaded["iteration"])
-        return {"iteration": int(loaded["iteration"]), "rng_state": rng_state}
+        return {
+            "iteration": int(loaded["iteration"]),
+            "rng_state": rng_state,
+            "extra": dict(loaded.get("extra") or {}),
+        }
+
+    def resume(self) -> dict[str, Any] | None:
+        """Restore the newest checkpoint of ``save_dir`` that can be read; None if there is none.
+
+        Removes the temporary files of killed writes first (rank 0). A candidate that cannot be
+        read (truncated, empty, not a checkpoint) is skipped with a warning naming it and why,
+        and the next newest is tried; one that does not fit the model is an error.
+
+        Raises:
+            WeightFileError: checkpoints exist and none can be read (each is listed).
+        """
+        if get_rank() == 0:
+            for stale in remove_stale_temporaries(self.save_dir):
+                logger.info("removed %s, left by an interrupted checkpoint write", stale)
+        pointer = self.save_dir / LAST_CHECKPOINT
+        target = self._pointer_target()
+        if target is not None and not target.is_file():
+            logger.warning("'%s' names '%s', which does not exist", pointer, target.name)
+        skipped: list[str] = []
+        for candidate in self.resume_candidates():
+            try:
+                state = self.load(candidate, full=True)
+            except WeightFileError as error:
+                logger.warning("not resuming from %s: %s", candidate, error)
+                skipped.append(str(error))
+                continue
+            if skipped:
+                logger.warning(
+                    "resumed from %s, an older checkpoint: %d newer could not be read",
+                    candidate,
+                    len(skipped),
+                )
+            return state
+        if skipped:
+            raise WeightFileError(
+                f"no checkpoint in '{self.save_dir}' can be read, so --resume cannot continue:\n"
+                + "\n".join(skipped)
+            )
+        return None
 
     def resume_or_load(
         self, weights: str, *, resume: bool, backbone_scheme: Any = None
     ) -> dict[str, Any]:
-        """With ``resume`` and a checkpoint in ``save_dir``, restore it fully; else load
-        ``weights`` (``MODEL.WEIGHTS``) into the model only, if given.
+        """With ``resume`` and a checkpoint in ``save_dir``, restore it fully (:meth:`resume`);
+        else load ``weights`` (``MODEL.WEIGHTS``) into the model only, if given.
 
         ``weights`` may also be a pretrained backbone alone, in any format
         :mod:`norm_det.checkpoint` reads (torchvision, detectron2, mmdet, norm_det): when it does
@@ -270,15 +381,17 @@ class Checkpointer:
         Returns:
             What :meth:`load` returns (``{}`` when nothing or only weights were loaded).
         """
-        last = self.last_checkpoint() if resume else None
-        if last is not None:
-            return self.load(last, full=True)
         if resume:
+            state = self.resume()
+            if state is not None:
+                return state
             logger.info("no checkpoint in %s to resume from; starting from scratch", self.save_dir)
         if weights:
             source = f"MODEL.WEIGHTS '{weights}'"
             try:
                 self.load(weights, full=False, source=source)
+            except WeightFileError as unreadable:
+                raise WeightFileError(f"MODEL.WEIGHTS: {unreadable}") from None
             except ValueError as mismatch:
                 if backbone_scheme is None:
                     raise

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import yaml
 
-from norm_det.engine.checkpoint import _atomic_write
 from norm_det.evaluation.distributed import all_gather_object, get_rank, get_world_size, synchronize
+from norm_det.files import atomic_write
 from norm_det.solver import (
     describe_batch,
     describe_scaling,
@@ -40,6 +40,20 @@ examples:
   continue a stopped run:    %(prog)s --config X.yaml --resume
   evaluate weights:          %(prog)s --config X.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
 """
+
+
+def _positive_seconds(text: str) -> float:
+    """The value of ``--dist-timeout``: a positive number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        # argparse prefixes "argument --dist-timeout: ".
+        raise argparse.ArgumentTypeError(
+            f"got {text!r}; expected a positive, finite number of seconds"
+        )
+    return seconds
 
 
 def default_argument_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -79,6 +93,15 @@ def default_argument_parser(description: str | None = None) -> argparse.Argument
         default="auto",
         choices=("auto", "nccl", "gloo"),
         help="torch.distributed backend (auto: NCCL with CUDA, gloo without)",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=_positive_seconds,
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long a process waits in a collective for the others before it stops with an "
+        "error naming the ranks that did not answer (spawned workers and torchrun alike; "
+        "default: %(default)g)",
     )
     parser.add_argument(
         "opts",
@@ -149,6 +172,54 @@ def _resolve_seed(cfg, *, reuse_recorded: bool) -> int:
     return all_gather_object(seed)[0]
 
 
+# SOLVER keys a resumed run reads from its config rather than from the checkpoint's optimizer
+# and scheduler states: they may change on --resume.
+RESUMABLE_SOLVER_KEYS = ("MAX_ITER", "CHECKPOINT_PERIOD")
+
+
+def _flat(node: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_overrides(cfg, output_dir: Path) -> None:
+    """Refuse ``--resume`` with SOLVER settings the checkpoint would silently override.
+
+    A resumed run restores the optimizer's and the LR scheduler's states, which carry the
+    learning rate, momentum, weight decay, steps and warmup they were built with: a changed
+    ``SOLVER.BASE_LR`` or ``SOLVER.STEPS`` would be printed in the config and not happen. Keys
+    in :data:`RESUMABLE_SOLVER_KEYS` take effect and may change.
+
+    Raises:
+        ValueError: the resumed run's ``config.yaml`` has other values for such keys; the
+            message lists them, with both values.
+    """
+    saved = output_dir / "config.yaml"
+    resumable = (output_dir / "last_checkpoint").is_file() or any(output_dir.glob("model_*.pth"))
+    if not (saved.is_file() and resumable):
+        return
+    recorded = _flat((yaml.safe_load(saved.read_text()) or {}).get("SOLVER", {}), "SOLVER.")
+    current = _flat(yaml.safe_load(cfg.dump()).get("SOLVER", {}), "SOLVER.")
+    changed = [
+        f"{key}: {recorded[key]!r} in the run, {current.get(key)!r} now"
+        for key in sorted(recorded)
+        if key.split(".")[1] not in RESUMABLE_SOLVER_KEYS and recorded[key] != current.get(key)
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume of '{output_dir}' with a changed solver ({'; '.join(changed)}): the "
+            "checkpoint's optimizer and LR schedule would override these, so they would not "
+            f"take effect. Resume without them (as recorded in '{saved}'), or start a new "
+            "OUTPUT_DIR from the checkpoint's weights (MODEL.WEIGHTS <checkpoint>) with them. "
+            f"{', '.join('SOLVER.' + k for k in RESUMABLE_SOLVER_KEYS)} may change on --resume."
+        )
+
+
 def default_setup(cfg, args: argparse.Namespace) -> None:
     """Prepare a training or evaluation process.
 
@@ -180,12 +251,14 @@ def default_setup(cfg, args: argparse.Namespace) -> None:
     cfg.SEED = _resolve_seed(cfg, reuse_recorded=resume or eval_only)
     if was_frozen:
         cfg.freeze()
+    if resume and not eval_only:
+        check_resume_overrides(cfg, output_dir)
     logger.info("config:\n%s", cfg.dump())
     logger.info("schedule: %s; %s", describe_schedule(cfg), describe_batch(cfg, world_size))
     # config.yaml records how the weights in OUTPUT_DIR were trained; an evaluation writes its
     # own file so that a later --resume still trains on the recorded seed and recipe.
     record = "config_eval.yaml" if eval_only else "config.yaml"
     if rank == 0:
-        _atomic_write(output_dir / record, lambda f: f.write(cfg.dump().encode()))
+        atomic_write(output_dir / record, lambda f: f.write(cfg.dump().encode()))
     seed_all_rng(cfg.SEED + rank)
     torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK

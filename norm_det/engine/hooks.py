@@ -21,6 +21,7 @@ from norm_det.engine.checkpoint import Checkpointer, capture_rng_state, restore_
 from norm_det.engine.precise_statistics import recompute_running_statistics
 from norm_det.engine.train_loop import HookBase
 from norm_det.evaluation.distributed import is_main_process
+from norm_det.files import atomic_write
 
 __all__ = [
     "DiagnosticsHook",
@@ -116,7 +117,9 @@ class PeriodicCheckpointer(HookBase):
     def after_step(self) -> None:
         done = self.trainer.iter + 1
         if self.period > 0 and done % self.period == 0 and done < self.trainer.max_iter:
-            self.checkpointer.save(f"model_{done:07d}", iteration=done)
+            # The metrics not yet written: a resumed run's first line averages them too.
+            metrics = self.trainer.storage.state_dict()
+            self.checkpointer.save(f"model_{done:07d}", iteration=done, extra={"metrics": metrics})
 
     def after_train(self) -> None:
         if self.trainer.completed:
@@ -199,20 +202,50 @@ class MetricsWriter(HookBase):
     def json_path(self) -> Path:
         return self.output_dir / "metrics.jsonl"
 
-    def _drop_lines_after(self, iteration: int) -> None:
+    def _drop_lines_after(self, iteration: int) -> int:
+        """Keep the lines up to ``iteration``; a torn last line (a kill mid-write) is dropped.
+
+        The file is rewritten atomically. A line that is not JSON before the last is an error
+        naming the file and line: that is no torn write, and the file is left as it is.
+
+        Returns:
+            The iteration of the last line kept (0: none).
+        """
         if not self.json_path.is_file():
-            return
+            return 0
         lines = self.json_path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line).get("iteration", 0) <= iteration]
+        kept, last = [], 0
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if number == len(lines) and not line.endswith("\n"):
+                    logger.warning(
+                        "%s: dropping its last line, cut short by an interrupted write: %r",
+                        self.json_path,
+                        line[:80],
+                    )
+                    continue
+                raise ValueError(
+                    f"'{self.json_path}' line {number} is not JSON ({line[:80]!r}); it is not "
+                    "a torn last line, so --resume does not touch the file: fix or move it"
+                ) from None
+            if not isinstance(record, dict) or record.get("iteration", 0) <= iteration:
+                kept.append(line)
+                if isinstance(record, dict):
+                    last = max(last, int(record.get("iteration", 0)))
         if len(kept) != len(lines):
-            self.json_path.write_text("".join(kept))
+            atomic_write(self.json_path, lambda f: f.write("".join(kept).encode()))
+        return last
 
     def before_train(self) -> None:
         if not is_main_process():
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         start = self.trainer.start_iter
-        self._drop_lines_after(start)
+        written = self._drop_lines_after(start)
+        # Restored from the checkpoint: what the interrupted run recorded after its last line.
+        self.trainer.storage.discard_through(written)
         self._json_file = open(self.json_path, "a")  # noqa: SIM115 (closed in after_train)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -220,6 +253,9 @@ class MetricsWriter(HookBase):
             self._tb_writer = SummaryWriter(
                 str(self.output_dir), purge_step=start + 1 if start else None
             )
+        if start > written and start % self.period == 0:
+            # The checkpoint was taken just before the interrupted run wrote this line.
+            self.write()
 
     def write(self) -> None:
         records = self.trainer.storage.drain()

@@ -7,12 +7,17 @@ otherwise (CPU training with several processes works the same way). Three cases:
   this process is one worker; the group is initialized from the environment.
 - ``num_processes > 1``: spawn that many workers on this machine, joined over a local TCP port.
 - otherwise: call the function in this process, with no process group.
+
+``timeout`` (``--dist-timeout``) bounds how long a process waits in a collective for the others,
+in every case with a process group; a worker whose collective times out stops with an error
+that names the timeout and the ranks that did not answer, instead of hanging.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from datetime import timedelta
@@ -61,6 +66,30 @@ def _limit_cpu_threads(world_size: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
+def _is_timeout(err: RuntimeError) -> bool:
+    # gloo: "Timed out waiting 5000ms for recv operation to complete"; NCCL and the store
+    # say "timeout" or "Timed out" too (DistBackendError and DistStoreError are RuntimeErrors).
+    message = str(err).lower()
+    return "timed out" in message or "timeout" in message
+
+
+def _silent_ranks(message: str, rank: int, world_size: int) -> str:
+    """Who did not answer: the other ranks the backend's message names, else the peer address
+    it names, else every rank but this one."""
+    named = {int(r) for r in re.findall(r"\brank\s*\[?(\d+)", message, re.IGNORECASE)}
+    named = sorted(r for r in named if r != rank and r < world_size)
+    if named:
+        return f"rank(s) {', '.join(map(str, named))}"
+    if world_size == 2:
+        others = f"rank {1 - rank}"
+    else:
+        others = f"a process among ranks 0..{world_size - 1} other than {rank}"
+    address = re.search(r"\[([^\]]+)\]:(\d+)", message)
+    if address:
+        return f"the peer at {address.group(1)}:{address.group(2)}, {others},"
+    return others
+
+
 def _run_in_group(
     main_func: Callable[..., Any],
     args: tuple,
@@ -81,6 +110,16 @@ def _run_in_group(
     )
     try:
         return main_func(*args)
+    except RuntimeError as err:
+        if not _is_timeout(err):
+            raise
+        seconds = f"{timeout.total_seconds():g} s"
+        raise RuntimeError(
+            f"rank {rank} of {world_size}: a collective timed out after {seconds} "
+            f"(--dist-timeout): {_silent_ranks(str(err), rank, world_size)} did not join the "
+            f"collective within {seconds}; it may be hung, stopped or far slower. "
+            f"{backend} said: {err}"
+        ) from err
     finally:
         dist.destroy_process_group()
 
@@ -125,13 +164,18 @@ def launch(
             process. Must be 1 under torchrun, which starts the workers itself.
         dist_url: where spawned workers rendezvous; ``"auto"``: a free local TCP port.
         backend: ``"auto"``, ``"nccl"`` or ``"gloo"``.
-        timeout: how long collectives wait for a slow process.
+        timeout: how long a process waits in a collective (and at the rendezvous) for the
+            others before it stops with an error (``--dist-timeout``); must be positive.
         args: positional arguments of ``main_func`` (picklable when spawning).
 
     Returns:
         What ``main_func`` returns in this process; ``None`` when workers were spawned.
     """
     backend = resolve_backend(backend)
+    if timeout.total_seconds() <= 0:
+        raise ValueError(
+            f"timeout (--dist-timeout) is {timeout.total_seconds():g} s; expected > 0 seconds"
+        )
     if num_processes < 1:
         raise ValueError(f"num_processes (--num-gpus) is {num_processes}; expected >= 1")
     under_torchrun = all(name in os.environ for name in TORCHRUN_VARIABLES)

@@ -12,7 +12,7 @@ last visit, summarised per name as the name was recorded:
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["MetricStorage"]
 
@@ -40,6 +40,30 @@ class MetricStorage:
         self._summary[name] = summary
         self._latest[name] = value
         self._last_iteration = max(self._last_iteration, iteration)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What :meth:`drain` has not returned yet, as plain values (saved in checkpoints)."""
+        return {
+            "window": {name: list(records) for name, records in self._window.items() if records},
+            "summary": dict(self._summary),
+            "latest": dict(self._latest),
+            "last_iteration": self._last_iteration,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: a resumed run averages what the interrupted one
+        recorded since its last written line, as an uninterrupted run would."""
+        self._window = defaultdict(list)
+        for name, records in state.get("window", {}).items():
+            self._window[name] = [(int(i), float(v)) for i, v in records]
+        self._summary.update(state.get("summary", {}))
+        self._latest.update(state.get("latest", {}))
+        self._last_iteration = int(state.get("last_iteration", 0))
+
+    def discard_through(self, iteration: int) -> None:
+        """Forget the records of iterations up to ``iteration`` (already written)."""
+        for name, records in self._window.items():
+            self._window[name] = [(i, v) for i, v in records if i > iteration]
 
     def latest(self) -> dict[str, float]:
         """The most recent value of every name ever recorded."""

@@ -88,6 +88,7 @@ class TrainerBase:
         logger.info("training from iteration %d to %d", start_iter, max_iter)
         self.iter = self.start_iter = start_iter
         self.max_iter = max_iter
+        raised: BaseException | None = None
         try:
             for hook in self.hooks:
                 hook.before_train()
@@ -98,9 +99,31 @@ class TrainerBase:
                 for hook in self.hooks:
                     hook.after_step()
             self.iter = max_iter
+        except BaseException as error:
+            raised = error
+            raise
         finally:
-            for hook in self.hooks:
+            self._after_train(raised)
+
+    def _after_train(self, raised: BaseException | None) -> None:
+        """Every hook's ``after_train``, even when one raises; training's own error wins.
+
+        A hook's error is logged; it is raised (the first one) only when training itself
+        succeeded, else noted on training's error, which propagates unmasked.
+        """
+        failures: list[tuple[HookBase, Exception]] = []
+        for hook in self.hooks:
+            try:
                 hook.after_train()
+            except Exception as error:  # every hook gets its turn
+                logger.exception("%s.after_train failed", type(hook).__name__)
+                failures.append((hook, error))
+        if not failures:
+            return
+        if raised is None:
+            raise failures[0][1]
+        for hook, error in failures:
+            raised.add_note(f"then {type(hook).__name__}.after_train failed too: {error!r}")
 
     def run_step(self) -> None:
         raise NotImplementedError

@@ -123,6 +123,9 @@ class Trainer(SimpleTrainer):
         )
         self.start_iter = state.get("iteration", 0)
         self._resume_rng_state = state.get("rng_state")
+        metrics = state.get("extra", {}).get("metrics")
+        if metrics:
+            self.storage.load_state_dict(metrics)
 
     def build_hooks(self) -> list[HookBase | None]:
         """LR schedule, diagnostics and precise statistics (if enabled), checkpoints, evaluation,

@@ -12,20 +12,44 @@ import warnings
 
 from torch import nn
 
+DEFAULT_GROUPS = 32
+
 
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` built as ``GroupNorm(num_channels, num_groups=32)``.
 
-    When ``num_groups`` does not divide ``num_channels`` the greatest common divisor is used
-    instead, with a warning (narrow test models have fewer than 32 channels).
+    Args:
+        num_channels: ``C`` of the input ``(N, C, H, W)``.
+        num_groups: groups of channels normalized together; they must divide ``num_channels``.
+        eps, affine: as ``nn.GroupNorm``.
+        strict: whether the group count was asked for (a GN scheme's ``groups`` option was
+            given). Only the default 32 groups, not asked for, fall back: when they do not divide
+            ``num_channels`` their greatest common divisor is used, with a warning (narrow test
+            models have fewer than 32 channels).
+
+    Raises:
+        ValueError: ``num_groups`` does not divide ``num_channels``, and was asked for or is not
+            the default; the message names both and the option to change.
     """
 
     _abbr_ = "gn"
 
     def __init__(
-        self, num_channels: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True
+        self,
+        num_channels: int,
+        num_groups: int = DEFAULT_GROUPS,
+        eps: float = 1e-5,
+        affine: bool = True,
+        strict: bool = False,
     ) -> None:
         if num_channels % num_groups:
+            if strict or num_groups != DEFAULT_GROUPS:
+                fitting = max(g for g in range(1, num_groups + 1) if num_channels % g == 0)
+                raise ValueError(
+                    f"GroupNorm: {num_groups} groups do not divide {num_channels} channels; "
+                    f"set the scheme's groups option to a divisor of {num_channels} "
+                    f"(e.g. 'GN(groups={fitting})' or 'GN+WS(groups={fitting})')"
+                )
             fallback = math.gcd(num_channels, num_groups)
             warnings.warn(
                 f"GroupNorm: {num_groups} groups do not divide {num_channels} channels; "
