@@ -223,7 +223,7 @@ _C.SOLVER.LARS.TRUST_COEFFICIENT = 0.001
 _C.SOLVER.LAMB = CN()
 _C.SOLVER.LAMB.BETAS = (0.9, 0.999)
 _C.SOLVER.LAMB.EPS = 1e-6
-# Gradient clipping, after the layers' after_backward hooks and before the optimizer step.
+# Gradient clipping, after the layers' optimizer-step work and before the optimizer step.
 _C.SOLVER.CLIP_GRADIENTS = CN()
 _C.SOLVER.CLIP_GRADIENTS.ENABLED = False
 # "value": clamp every gradient element to [-CLIP_VALUE, CLIP_VALUE]; "norm": rescale all
