@@ -508,7 +508,13 @@ def collect(
     for run in runs:
         group = groups.setdefault(
             (run.value, run.label),
-            {"values": {m: {} for m in metrics}, "diverged": 0, "failed": 0, "missing": 0},
+            {
+                "values": {m: {} for m in metrics},
+                "diverged": 0,
+                "failed": 0,
+                "missing": 0,
+                "empty": 0,
+            },
         )
         state = states.get(run) or run_state(run)
         if state is None:
@@ -533,7 +539,7 @@ def collect(
                 # Evaluated, no prediction at all: the evaluator reports NaN; it scores 0.
                 group["values"][metric][run.seed] = 0.0
                 empty = True
-        group["empty"] = group.get("empty", 0) + empty
+        group["empty"] += empty
     return groups
 
 
@@ -568,7 +574,7 @@ def interval_table(
         cells = ([str(value)] if sweep_key else []) + [label, str(seeds), str(group["diverged"])]
         if group["failed"] or group["missing"]:
             cells[-2] += f" (+{group['failed']} failed, {group['missing']} missing)"
-        if group.get("empty"):
+        if group["empty"]:
             cells[-1] += f" (+{group['empty']} without predictions)"
             row["empty"] = group["empty"]
         for metric in metrics:

@@ -20,6 +20,7 @@ a model or optimizer state holding NaN or inf.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -133,6 +134,14 @@ def load_model_weights(
                 f"{tuple(value.shape)} in the file and {tuple(expected[key].shape)} in the model"
             )
     model.load_state_dict(state_dict)
+
+
+def _checkpoint_iteration(name: str) -> float | None:
+    """The iteration a checkpoint's file name says (``model_final.pth``: after all others)."""
+    if name == "model_final.pth":
+        return math.inf
+    match = re.fullmatch(r"model_(\d+)\.pth", name)
+    return int(match.group(1)) if match else None
 
 
 class NonFiniteStateError(ValueError):
@@ -258,23 +267,16 @@ class Checkpointer:
         The others are ``save_dir``'s ``model_<iteration>.pth`` (newest first) and
         ``model_final.pth`` (first among them).
         """
-        found: list[Path] = []
         target = self._pointer_target()
-        if target is not None and target.is_file():
-            found.append(target)
-
-        def order(path: Path) -> tuple[int, float]:
-            match = re.fullmatch(r"model_(\d+)\.pth", path.name)
-            number = (
-                int(match.group(1))
-                if match
-                else (1 << 62 if path.name == "model_final.pth" else -1)
-            )
-            return number, path.stat().st_mtime
-
-        others = [p for p in self.save_dir.glob("model_*.pth") if p.is_file() and p not in found]
-        found += sorted((p for p in others if order(p)[0] >= 0), key=order, reverse=True)
-        return found
+        found = [target] if target is not None and target.is_file() else []
+        numbered = [
+            (iteration, path.stat().st_mtime, path)
+            for path in self.save_dir.glob("model_*.pth")
+            if path.is_file()
+            and path not in found
+            and (iteration := _checkpoint_iteration(path.name)) is not None
+        ]
+        return found + [path for *_, path in sorted(numbered, reverse=True)]
 
     def load(
         self, path: str | os.PathLike, *, full: bool = True, source: str | None = None
