@@ -36,10 +36,16 @@ from typing import Any
 from torch import nn
 
 from norm_det.layers import FrozenBatchNorm2d, GroupNorm, PWSConv2d, SyncBatchNorm, WSConv2d
+from norm_det.layers.bcn import BatchChannelNorm2d
+from norm_det.layers.cbn import CrossIterationBatchNorm2d
 from norm_det.layers.czm import MultiplicativeNoise, check_czm_options, czm_conv2d
 from norm_det.layers.deconv import DeconvConv2d, DeconvConvTranspose2d, DeconvLinear
+from norm_det.layers.evonorm import EvoNormB0, EvoNormS0
+from norm_det.layers.frn import FilterResponseNorm2d
 from norm_det.layers.group_norm import DEFAULT_GROUPS
 from norm_det.layers.iternorm import IterNorm
+from norm_det.layers.mabn import CenteredConv2d, MovingAverageBatchNorm2d
+from norm_det.layers.nf import ScaledStdConv2d, scaled_activation
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -52,6 +58,13 @@ class Scheme:
         conv: called as ``conv(in_channels, out_channels, kernel_size, stride=, padding=,
             dilation=, groups=, bias=)``.
         norm: called as ``norm(num_channels)``; ``None`` when nothing follows a convolution.
+            Where the network applies no activation after it (the last norm of a residual
+            branch, FPN), this is the whole norm.
+        norm_act: called as ``norm_act(num_channels)``: one layer that is the norm *and* the
+            activation after it, for schemes whose paper replaces "norm, then ReLU" by one
+            normalization-activation layer (FRN + TLU, EvoNorm; NF's scaled ReLU). It goes
+            where the network applies a ReLU after the norm, in place of both; ``None`` (the
+            default): ``norm``, then the network's ReLU.
         linear: called as ``linear(in_features, out_features, bias=)``.
         conv_transpose: called like ``nn.ConvTranspose2d``.
         conv_bias: whether the convolution of a conv+norm pair has a bias (default: only when
@@ -67,6 +80,9 @@ class Scheme:
         residual_input: factory of a module applied to the input of every residual unit
             (CZM's multiplicative noise); model builders and :func:`norm_det.surgery.convert`
             insert it. ``None``: nothing is inserted.
+        residual_alpha: normalizer-free residual scaling: pre-activation units compute
+            ``x + residual_alpha * f(x / beta)``, ``beta`` the expected std of ``x`` (NF-ResNets).
+            ``None``: ``x + f(x)``. Post-activation ResNets have no such form and ignore it.
         post_convert: called as ``post_convert(model)`` at the end of
             :func:`norm_det.surgery.convert`, for model-level changes a scheme needs.
         name, options: filled in by the registry.
@@ -74,6 +90,7 @@ class Scheme:
 
     conv: Callable[..., nn.Module] = nn.Conv2d
     norm: NormFactory | None = None
+    norm_act: NormFactory | None = None
     linear: Callable[..., nn.Module] = nn.Linear
     conv_transpose: Callable[..., nn.Module] = nn.ConvTranspose2d
     conv_bias: bool | None = None
@@ -81,6 +98,7 @@ class Scheme:
     keep_first_conv_plain: bool = False
     replaces_predictors: bool = False
     residual_input: Callable[[], nn.Module] | None = None
+    residual_alpha: float | None = None
     post_convert: Callable[[nn.Module], None] | None = None
     name: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -260,8 +278,12 @@ def build_conv_norm(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
+    activation: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """One convolution and the norm that follows it (``nn.Identity`` when the scheme has none).
+
+    Args:
+        activation: a ReLU follows the norm (see :func:`build_norm`).
 
     Returns:
         ``(conv, norm)``; ``conv`` maps ``(N, in_channels, H, W)`` to
@@ -278,13 +300,41 @@ def build_conv_norm(
         groups=groups,
         bias=resolved.conv_bias,
     )
-    return conv, build_norm(resolved, out_channels)
+    norm = build_norm(resolved, out_channels, activation=activation)
+    pair_norm(norm, conv)
+    return conv, norm
 
 
-def build_norm(scheme: str | Mapping[str, Any] | Scheme | None, num_channels: int) -> nn.Module:
-    """The norm a scheme puts after a convolution with ``num_channels`` outputs, or Identity."""
+def build_norm(
+    scheme: str | Mapping[str, Any] | Scheme | None, num_channels: int, activation: bool = False
+) -> nn.Module:
+    """The norm a scheme puts after a convolution with ``num_channels`` outputs, or Identity.
+
+    Args:
+        activation: the network applies a ReLU after the norm here. For a scheme with a
+            ``norm_act`` the result is that layer, which carries the activation (see
+            :func:`carries_activation`); otherwise the scheme's norm.
+    """
     resolved = get_scheme(scheme)
-    return resolved.norm(num_channels) if resolved.norm is not None else nn.Identity()
+    factory = resolved.norm_act if activation and resolved.norm_act is not None else resolved.norm
+    return factory(num_channels) if factory is not None else nn.Identity()
+
+
+def carries_activation(norm: nn.Module) -> bool:
+    """Whether layer ``norm`` applies the activation after it (a ``norm_act`` layer).
+
+    Such a layer says so by its attribute ``carries_activation`` (see :mod:`norm_det.layers`).
+    """
+    return bool(getattr(norm, "carries_activation", False))
+
+
+def pair_norm(norm: nn.Module, conv: nn.Module) -> None:
+    """Tell a norm whose statistics depend on the weights before it (CBN) its convolution.
+
+    Such a norm has ``pair_with(conv)`` (see :mod:`norm_det.layers`); others are left alone.
+    """
+    if hasattr(norm, "pair_with"):
+        norm.pair_with(conv)
 
 
 def build_conv(
@@ -378,8 +428,13 @@ def _bn(eps: float = 1e-5, momentum: float = 0.1) -> Scheme:
 @register_scheme(
     "SyncBN", aliases=("SyncBatchNorm",), paper="Peng et al., MegDet, CVPR 2018 (cross-GPU BN)"
 )
-def _sync_bn(eps: float = 1e-5, momentum: float = 0.1) -> Scheme:
-    return Scheme(conv=nn.Conv2d, norm=partial(SyncBatchNorm, eps=eps, momentum=momentum))
+def _sync_bn(eps: float = 1e-5, momentum: float = 0.1, stats_mode: str = "N") -> Scheme:
+    # stats_mode "N": the statistics of the union of all processes' batches (heads whose
+    # inputs are empty on some processes stay right); "default": each process counts equally.
+    return Scheme(
+        conv=nn.Conv2d,
+        norm=partial(SyncBatchNorm, eps=eps, momentum=momentum, stats_mode=stats_mode),
+    )
 
 
 @register_scheme(
@@ -586,4 +641,156 @@ def _czm(zmg: float = 0.85, noise: float = 0.1, luma: float = 5e-4) -> Scheme:
         norm=None,
         keep_first_conv_plain=True,
         residual_input=partial(MultiplicativeNoise, amplitude=noise) if noise > 0 else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalization-activation layers: FRN + TLU, EvoNorm (norm_det.layers.frn, .evonorm). Each
+# replaces "norm, then ReLU" where the network has both (Scheme.norm_act); where no activation
+# follows (a residual branch's last norm, a shortcut, the FPN) it is the layer without its
+# activation, as the papers' releases place it.
+
+
+@register_scheme(
+    "FRN",
+    aliases=("FilterResponseNorm", "FRN+TLU", "FilterResponseNormalization"),
+    paper="Singh & Krishnan, Filter Response Normalization Layer, CVPR 2020",
+)
+def _frn(eps: float = 1e-6, learnable_eps: bool = False) -> Scheme:
+    # FRN's own eps (1e-6, the paper's); learnable_eps: eps + |learned|, for 1x1 feature maps.
+    layer = partial(FilterResponseNorm2d, eps=eps, learnable_eps=learnable_eps)
+    return Scheme(
+        conv=nn.Conv2d,
+        norm=partial(layer, activation=False),
+        norm_act=partial(layer, activation=True),
+    )
+
+
+_EVONORM_PAPER = "Liu, Brock, Simonyan & Le, Evolving Normalization-Activation Layers, NeurIPS 2020"
+
+
+@register_scheme("EvoNorm-B0", aliases=("EvoNormB0",), paper=_EVONORM_PAPER)
+def _evonorm_b0(eps: float = 1e-5, momentum: float = 0.1) -> Scheme:
+    # Batch variance (a running average in eval) against the sample's own: B0. Without the
+    # activation the release's layer is its affine only (gamma x + beta).
+    layer = partial(EvoNormB0, eps=eps, momentum=momentum)
+    return Scheme(
+        conv=nn.Conv2d,
+        norm=partial(layer, activation=False),
+        norm_act=partial(layer, activation=True),
+    )
+
+
+@register_scheme("EvoNorm-S0", aliases=("EvoNormS0",), paper=_EVONORM_PAPER)
+def _evonorm_s0(groups: int = _DEFAULT_GROUPS, eps: float = 1e-5) -> Scheme:
+    # x sigmoid(v x) over the group std: S0, batch-independent.
+    layer = partial(
+        EvoNormS0, groups=int(groups), eps=eps, strict=not isinstance(groups, _DefaultGroups)
+    )
+    return Scheme(
+        conv=nn.Conv2d,
+        norm=partial(layer, activation=False),
+        norm_act=partial(layer, activation=True),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The rest of the field: normalizer-free networks, batch norms over several iterations, batch-
+# channel normalization (norm_det.layers.nf, .cbn, .mabn, .bcn).
+
+
+@register_scheme(
+    "NF",
+    aliases=("NormFree", "NormalizerFree", "NFResNet"),
+    paper="Brock, De & Smith, Characterizing signal propagation ... (NF-ResNets), ICLR 2021, §4",
+)
+def _nf(alpha: float = 0.2, activation: str = "relu", ws_eps: float = 1e-6) -> Scheme:
+    # Scaled weight standardization on every convolution (lone ones too: no norm anywhere), the
+    # activation scaled by gamma to keep unit variance (the norm slot where "norm, ReLU" stood),
+    # and alpha = 0.2 (the paper's value) in pre-activation units x + alpha f(x / beta)
+    # (MODEL.RESNETS.PREACT: the NF-ResNet; a post-activation ResNet has no such form).
+    # Predictors plain: the paper's classifier is a plain linear layer.
+    if not alpha > 0:
+        raise ValueError(f"scheme NF: alpha is {alpha}; expected > 0 (the paper's 0.2)")
+    return Scheme(
+        conv=partial(ScaledStdConv2d, eps=ws_eps),
+        norm=None,
+        norm_act=partial(scaled_activation, activation=activation),
+        residual_alpha=alpha,
+    )
+
+
+@register_scheme(
+    "CBN",
+    aliases=("CrossIterationBN", "CrossIterationBatchNorm", "CIBN"),
+    paper="Yao et al., Cross-Iteration Batch Normalization, CVPR 2021",
+)
+def _cbn(window: int = 4, burnin: int = 60000, eps: float = 1e-5, momentum: float = 0.1) -> Scheme:
+    # window k = 4 (the current iteration and 3 compensated past ones) and burn-in 8 of 12 epochs
+    # of a 1x schedule (60k of 90k iterations): the release's detection configs. Burn-in is in
+    # iterations: scale it with the schedule (CBN(burnin=...)). Each norm is paired with the
+    # convolution before it (its Taylor term is in that convolution's weight).
+    return Scheme(
+        conv=nn.Conv2d,
+        norm=partial(
+            CrossIterationBatchNorm2d, window=window, burnin=burnin, eps=eps, momentum=momentum
+        ),
+    )
+
+
+@register_scheme(
+    "MABN",
+    aliases=("MovingAverageBN", "MovingAverageBatchNorm"),
+    paper="Yan et al., Towards Stabilizing Batch Statistics in Backward Propagation of BN, "
+    "ICLR 2020",
+)
+def _mabn(
+    buffer_size: int = 16,
+    warmup_iters: int = 100,
+    momentum: float = 0.02,
+    backward_momentum: float = 0.02,
+    renorm_clip: float | None = 5.0,
+    eps: float = 1e-5,
+) -> Scheme:
+    # Centred weights in the convolution (MABN normalizes by the second moment, no mean), SMA
+    # of the forward statistics over 16 iterations, EMA of the backward ones (the release).
+    return Scheme(
+        conv=CenteredConv2d,
+        norm=partial(
+            MovingAverageBatchNorm2d,
+            buffer_size=buffer_size,
+            warmup_iters=warmup_iters,
+            momentum=momentum,
+            backward_momentum=backward_momentum,
+            renorm_clip=renorm_clip,
+            eps=eps,
+        ),
+    )
+
+
+@register_scheme(
+    "BCN+WS",
+    aliases=("BCNWS", "WS+BCN", "BatchChannelNorm"),
+    paper="Qiao et al., Micro-Batch Training with Batch-Channel Normalization and Weight "
+    "Standardization, 2019",
+)
+def _bcn_ws(
+    groups: int = _DEFAULT_GROUPS,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    estimate: bool = False,
+    ws_eps: float = 1e-5,
+) -> Scheme:
+    # estimate=True: the micro-batch variant, normalizing with the estimated (running) batch
+    # statistics in training too.
+    return Scheme(
+        conv=partial(WSConv2d, eps=ws_eps),
+        norm=partial(
+            BatchChannelNorm2d,
+            groups=int(groups),
+            eps=eps,
+            momentum=momentum,
+            estimate=estimate,
+            strict=not isinstance(groups, _DefaultGroups),
+        ),
     )

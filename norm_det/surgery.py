@@ -41,14 +41,24 @@ classes) for deployment. Neither function knows a concrete scheme: they use the 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from norm_det.layers.protocol import track_step_layers
-from norm_det.schemes import Scheme, get_scheme, image_conv_scheme, predictor_scheme
+from norm_det.activation_blocks import activated_children, knows_block, leave_out_carried_relus
+from norm_det.layers.protocol import ActivationInNorm, track_step_layers
+from norm_det.schemes import (
+    Scheme,
+    carries_activation,
+    get_scheme,
+    image_conv_scheme,
+    pair_norm,
+    predictor_scheme,
+)
 
 _PLAIN_TYPES = (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
 # Layers `convert` must not silently skip when the user asked for them with `include`.
@@ -492,6 +502,35 @@ def _transfer_norm(source: nn.Module, target: nn.Module) -> None:
                 dst.copy_(src)
 
 
+# Containers whose forward runs their children in registration order, besides nn.Sequential:
+# torchvision's IntermediateLayerGetter (a ResNet trunk's stem), mmcv's ConvModule (conv, norm,
+# activate in its default order).
+_IN_ORDER_CONTAINERS = ("IntermediateLayerGetter", "ConvModule")
+
+
+def _runs_in_order(parent: nn.Module) -> bool:
+    """Whether ``parent``'s forward applies its children one after another in their order."""
+    if type(parent).__name__ == "ConvModule":
+        return tuple(getattr(parent, "order", ())) == ("conv", "norm", "act")
+    return isinstance(parent, nn.Sequential) or type(parent).__name__ in _IN_ORDER_CONTAINERS
+
+
+def _activation_slot(children: list[tuple[str, nn.Module]], index: int) -> nn.Module | None:
+    """The ReLU (or :class:`ActivationInNorm`) at ``children[index]``, in a parent that runs its
+    children in order, so that it is applied to the output of the child before it."""
+    slot = children[index][1] if index < len(children) else None
+    return slot if isinstance(slot, (nn.ReLU, ActivationInNorm)) else None
+
+
+def _own_relu(conv: nn.Module) -> bool:
+    """Whether ``conv`` applies a ReLU after its own norm (detectron2's ``Conv2d`` with an
+    ``activation``), or keeps the place of one that its norm now carries."""
+    activation = getattr(conv, "activation", None)
+    return activation in (F.relu, F.relu_, torch.relu, torch.relu_) or isinstance(
+        activation, (nn.ReLU, ActivationInNorm)
+    )
+
+
 def _is_sibling_pair(conv: nn.Module, following: nn.Module | None) -> bool:
     """``conv`` followed by the norm ``following`` in their parent: one conv+norm pair."""
     return (
@@ -522,6 +561,9 @@ class _Converter:
         self.image_conv = image_conv
         self.keep_weights = keep_weights
         self.seen: set[int] = set() if seen is None else seen
+        # Convolutions whose norm is followed by a ReLU in the model's own code, where a
+        # scheme's norm_act cannot replace norm and ReLU together.
+        self.unplaced_activations: list[str] = []
         # Predictors keep the model's weights whatever keep_weights says: a detector starts them
         # near zero output, a property of the detector, not of the normalization.
         self.predictors = (
@@ -533,9 +575,14 @@ class _Converter:
         )
 
     def conv(
-        self, conv: nn.Conv2d, norm: nn.Module | None, path: str
+        self, conv: nn.Conv2d, norm: nn.Module | None, path: str, activated: bool = False
     ) -> tuple[nn.Module, nn.Module | None]:
         """Convert convolution ``conv`` followed by ``norm`` (None: a lone convolution).
+
+        Args:
+            activated: a ReLU that :func:`convert` can replace follows ``norm`` (its slot in a
+                container that runs its children in order, or a norm that carries it): a
+                scheme's ``norm_act`` goes there.
 
         Returns:
             ``(conv's replacement, norm's replacement)``. The first is ``conv`` itself where the
@@ -549,9 +596,10 @@ class _Converter:
         factory = nn.Conv2d if lone and not scheme.replaces_lone_convs else scheme.conv
         if lone and factory is nn.Conv2d and not hasattr(conv, "fuse"):
             return conv, None
-        norm_factory = None if lone else scheme.norm
+        carried = activated and scheme.norm_act is not None
+        norm_factory = None if lone else scheme.norm_act if carried else scheme.norm
         weight, bias = effective_weights(conv)
-        if lone or norm_factory is not None:
+        if lone or scheme.norm is not None:
             with_bias = bias is not None or (not lone and bool(scheme.conv_bias))
         else:
             # The norm goes: the convolution takes over its eval transform, shift included.
@@ -589,6 +637,15 @@ class _Converter:
                 )
         if attached:
             replacement.norm = new_norm
+            if activated and _own_relu(conv):
+                # detectron2's Conv2d applying norm and ReLU: the ReLU's place is kept.
+                carried = new_norm is not None and carries_activation(new_norm)
+                activation = getattr(conv, "activation", None)
+                if carried:
+                    replacement.activation = ActivationInNorm()
+                elif activation is None or isinstance(activation, ActivationInNorm):
+                    replacement.activation = nn.ReLU()
+        pair_norm(new_norm, replacement)
         return replacement, new_norm
 
     @staticmethod
@@ -630,10 +687,16 @@ class _Converter:
             _transfer_norm(old, new)
         return new
 
-    def lone(self, module: nn.Module, path: str) -> nn.Module:
-        """The replacement of a layer that is no conv+norm pair (``module`` itself: kept)."""
+    def lone(self, module: nn.Module, path: str, activated: bool = False) -> nn.Module:
+        """The replacement of a layer that is no conv+norm pair (``module`` itself: kept).
+
+        ``activated``: the parent's forward follows the convolution (and the norm it applies
+        itself) by a ReLU (:func:`norm_det.activation_blocks.activated_children`).
+        """
         if is_conv(module):
-            return self.conv(module, attached_norm(module), path)[0]
+            norm = attached_norm(module)
+            activated = norm is not None and (activated or _own_relu(module))
+            return self.conv(module, norm, path, activated)[0]
         if isinstance(module, nn.Linear) and (type(module) is nn.Linear or hasattr(module, "fuse")):
             if self.scheme.linear is nn.Linear and type(module) is nn.Linear:
                 return module
@@ -682,6 +745,9 @@ class _Converter:
 
     def walk(self, parent: nn.Module, prefix: str) -> None:
         children = list(parent.named_children())
+        # The children a framework block's own forward follows by a ReLU, where it is known.
+        activated_names = activated_children(parent)
+        known = _runs_in_order(parent) or knows_block(parent)
         index = 0
         while index < len(children):
             name, child = children[index]
@@ -697,19 +763,38 @@ class _Converter:
                 continue
             if _is_sibling_pair(child, following) and self.selection(path):
                 self.seen.add(id(following))
-                replacement, new_norm = self.conv(child, following, path)
+                in_order = _runs_in_order(parent)
+                slot = _activation_slot(children, index + 2) if in_order else None
+                activated = (
+                    slot is not None
+                    or carries_activation(following)
+                    or children[index + 1][0] in activated_names
+                )
+                replacement, new_norm = self.conv(child, following, path, activated)
                 _become(child, replacement)
                 _become(following, nn.Identity() if new_norm is None else new_norm)
+                if slot is not None:
+                    carried = new_norm is not None and carries_activation(new_norm)
+                    if carried != isinstance(slot, ActivationInNorm):
+                        _become(slot, ActivationInNorm() if carried else nn.ReLU(inplace=True))
+                    self.seen.add(id(slot))
+                    index += 1
+                elif not known and not activated and self.scheme.norm_act is not None:
+                    self.unplaced_activations.append(path)
                 index += 2
                 continue
-            self.visit(child, path)
+            self.visit(child, path, activated=name in activated_names)
             index += 1
+        if activated_names and any(
+            carries_activation(getattr(m, "norm", m)) for m in parent.children()
+        ):
+            leave_out_carried_relus(parent)
 
-    def visit(self, module: nn.Module, path: str) -> None:
+    def visit(self, module: nn.Module, path: str, activated: bool = False) -> None:
         """Convert ``module`` (a layer or a subtree), not paired with a following norm."""
         if self._is_leaf(module):
             if self.selection(path):
-                _become(module, self.lone(module, path))
+                _become(module, self.lone(module, path, activated))
         elif isinstance(module, _UNSUPPORTED_TYPES) or not any(True for _ in module.children()):
             self._check_supported(module, path)
         else:
@@ -821,6 +906,7 @@ def convert(
         model = converter.lone(model, "")
     else:
         converter.walk(model, "")
+        _warn_unplaced_activations(resolved, converter.unplaced_activations)
         if resolved.residual_input is not None:
             insert_residual_inputs(model, resolved.residual_input, converter.selection)
         if resolved.post_convert is not None:
@@ -829,6 +915,20 @@ def convert(
     # steps (CZM's gradient correction) once tracked under their new identity.
     track_step_layers(model)
     return model
+
+
+def _warn_unplaced_activations(scheme: Scheme, paths: list[str]) -> None:
+    if not paths or scheme.norm_act is None:
+        return
+    shown = ", ".join(repr(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    warnings.warn(
+        f"convert to {scheme}: after {len(paths)} conv+norm pair(s) ({shown}) the model's own "
+        "forward decides whether a ReLU follows, which convert cannot see or replace; there the "
+        "norm is the scheme's norm without its activation, followed by the model's ReLU where it "
+        "applies one, not the paper's normalization-activation layer. norm_det's own models "
+        "(and containers that run their children in order) get the paper's layer.",
+        stacklevel=3,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

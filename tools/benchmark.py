@@ -51,9 +51,10 @@ from norm_det.checkpoint.deploy import inexact_layers
 from norm_det.config import CONFIGS_DIR, CfgNode, load_config
 from norm_det.modeling import build_model
 from norm_det.schemes import get_scheme
-from norm_det.solver import build_optimizer
+from norm_det.solver import build_gradient_clipper, build_optimizer
 from norm_det.surgery import fuse
 from norm_det.utils.benchmark import (
+    FIELD_SCHEMES,
     interleaved_times,
     peak_allocated,
     peak_resident,
@@ -72,7 +73,10 @@ ALL_SCHEMES = (
     "NDPP",
     "IterNorm",
     "CZM",
+    *FIELD_SCHEMES,
 )
+# A candidate "<scheme> +AGC" trains with adaptive gradient clipping (--agc).
+AGC_SUFFIX = " +AGC"
 # Upper bounds on the training-step time ratio, on CPU (the project's targets).
 TRAINING_TARGETS = {("mask_rcnn", "NDPP"): 1.15, ("mask_rcnn", "PWS"): 1.05}
 # Objects per synthetic image; Mask R-CNN samples exactly this many positive RoIs per image.
@@ -163,6 +167,10 @@ def scheme_config(workload: Workload, scheme: str, device: str, *, inference: bo
     """
     cfg = load_config(workload.config)
     cfg.defrost()
+    if scheme.endswith(AGC_SUFFIX):
+        scheme = scheme.removesuffix(AGC_SUFFIX)
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        clip.ENABLED, clip.CLIP_TYPE, clip.CLIP_VALUE = True, "agc", 0.01
     for key in workload.norm_keys:
         cfg.MODEL[key].NORM = scheme
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
@@ -236,14 +244,18 @@ def training_step(
     optimizer: torch.optim.Optimizer,
     images: list[torch.Tensor],
     targets: list[dict],
+    clipper: Callable[..., object] | None = None,
 ) -> Callable[[], None]:
-    """One training iteration as the trainer runs it, on a fixed batch."""
+    """One training iteration as the trainer runs it, on a fixed batch (clipped by
+    ``clipper`` between backward and step, when given)."""
 
     def step() -> None:
         # The same proposal and pixel sampling in every call.
         torch.manual_seed(0)
         optimizer.zero_grad(set_to_none=True)
         sum(dict(model(images, targets)).values()).backward()
+        if clipper is not None:
+            clipper(model.parameters())
         optimizer.step()  # CZM's CZMG and LUMA act here, from torch's optimizer-step hook
 
     return step
@@ -268,7 +280,8 @@ def build_training(
     model = build_model(cfg).train()
     optimizer = build_optimizer(cfg, model)
     images, targets = synthetic_batch(workload, _num_classes(cfg, workload.arch), device)
-    return model, training_step(model, optimizer, images, targets)
+    clipper = build_gradient_clipper(cfg, model)
+    return model, training_step(model, optimizer, images, targets, clipper)
 
 
 def _progress(label: str, repeats: int) -> Callable[[int], None]:
@@ -562,7 +575,10 @@ def _schemes(args: argparse.Namespace, workload: Workload) -> list[str]:
         scheme = get_scheme(spec)  # raises on an unknown name or option
         names.append(spec.strip() if scheme.options else scheme.name)
     names = [workload.baseline] + [n for n in names if n != workload.baseline]
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(names))
+    if args.agc:
+        names = [m for n in names for m in (n, n + AGC_SUFFIX)]
+    return names
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -570,7 +586,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--archs", nargs="+", default=["mask_rcnn", "deeplab"])
-    parser.add_argument("--schemes", nargs="+", default=None, help="default: all eleven")
+    parser.add_argument("--schemes", nargs="+", default=None, help="default: all registered")
     parser.add_argument("--preset", default="r50", help="r50 (default) or quick")
     parser.add_argument("--size", type=int, default=None, help="image side (preset's default)")
     parser.add_argument("--images", type=int, default=None, help="images per step")
@@ -582,6 +598,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
+    parser.add_argument(
+        "--agc",
+        action="store_true",
+        help="also time every scheme's training step with adaptive gradient clipping "
+        f"(candidates '<scheme>{AGC_SUFFIX}', lambda 0.01)",
+    )
     parser.add_argument("--no-inference", action="store_true", help="skip fused inference")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", default=None, help="write the tables as markdown here")
@@ -614,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings = measure_training(workload, schemes, args.repeats, args.warmup, device)
         memory: dict[str, float | None] = {}
         if not args.no_memory:
-            for scheme in schemes:
+            for scheme in (n for n in schemes if not n.endswith(AGC_SUFFIX)):
                 print(f"  memory: {scheme}", file=sys.stderr, flush=True)
                 memory[scheme] = measure_memory_in_subprocess(workload, scheme, args)
         rows = training_rows(workload, timings, memory)
@@ -623,8 +645,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(tables[-1] + "\n", flush=True)
         if not args.no_inference:
             # "none" against itself: the measurement's noise floor.
+            # Clipping changes training only.
+            plain = [n for n in schemes if not n.endswith(AGC_SUFFIX)]
             timings = measure_inference(
-                workload, schemes, args.inference_repeats, args.warmup, device
+                workload, plain, args.inference_repeats, args.warmup, device
             )
             rows = inference_rows(timings)
             results["inference"][workload.arch] = {**info, "rows": rows}

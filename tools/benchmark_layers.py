@@ -33,11 +33,31 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch import nn
 
-from norm_det.schemes import available_schemes, build_conv_norm, get_scheme
-from norm_det.utils.benchmark import interleaved_times, peak_allocated, ratio_summary
+from norm_det.schemes import (
+    available_schemes,
+    build_conv_norm,
+    get_scheme,
+    normalize_scheme_name,
+    parse_scheme_spec,
+)
+from norm_det.utils.benchmark import (
+    FIELD_SCHEMES,
+    interleaved_times,
+    peak_allocated,
+    ratio_summary,
+)
 
 DEFAULT_SHAPES = ("2,256,64,3", "2,64,128,3", "2,256,64,1")
-DEFAULT_SCHEMES = ("NDPP", "ND", "IterNorm", "BN", "GN", "GN+WS", "PWS")
+DEFAULT_SCHEMES = (
+    "NDPP",
+    "ND",
+    "IterNorm",
+    "BN",
+    "GN",
+    "GN+WS",
+    "PWS",
+    *FIELD_SCHEMES,
+)
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -53,7 +73,11 @@ def build_candidate(scheme: str | None, channels: int, kernel: int) -> nn.Module
     """A scheme's conv (+ norm) ``C -> C``; ``None`` is the plain ``nn.Conv2d`` baseline."""
     if scheme is None:
         return nn.Conv2d(channels, channels, kernel, padding=kernel // 2)
-    conv, norm = build_conv_norm(scheme, channels, channels, kernel, padding=kernel // 2)
+    # activation: a normalization-activation layer (FRN + TLU, EvoNorm, NF's scaled ReLU) is
+    # timed with its activation, which the other schemes' norms leave to a ReLU not timed here.
+    conv, norm = build_conv_norm(
+        scheme, channels, channels, kernel, padding=kernel // 2, activation=True
+    )
     return nn.Sequential(conv, norm)
 
 
@@ -171,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    known = {name.lower() for name in available_schemes()}
-    schemes = args.schemes or [s for s in DEFAULT_SCHEMES if s.lower() in known]
+    known = {normalize_scheme_name(name) for name in available_schemes()}
+    schemes = args.schemes or [
+        s for s in DEFAULT_SCHEMES if normalize_scheme_name(parse_scheme_spec(s)[0]) in known
+    ]
     for scheme in schemes:
         get_scheme(scheme)  # fail early on an unknown name or option
     shapes = [parse_shape(s) for s in args.shapes]

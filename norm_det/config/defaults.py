@@ -44,6 +44,9 @@ _C.MODEL.RESNETS.WIDTH_PER_GROUP = 64
 _C.MODEL.RESNETS.STRIDE_IN_1X1 = True
 # For res3, res4, res5: dilate instead of striding (DeepLab: [False, True, True] is stride 8).
 _C.MODEL.RESNETS.REPLACE_STRIDE_WITH_DILATION = [False, False, False]
+# The pre-activation ResNet-V2 (BiT's and NF-ResNets' trunk): norm and ReLU before each conv,
+# a final norm and ReLU after the last stage.
+_C.MODEL.RESNETS.PREACT = False
 
 _C.MODEL.FPN = CN()
 # ResNet maps the FPN takes; empty: all of MODEL.RESNETS.OUT_FEATURES.
@@ -227,10 +230,26 @@ _C.SOLVER.LAMB.EPS = 1e-6
 _C.SOLVER.CLIP_GRADIENTS = CN()
 _C.SOLVER.CLIP_GRADIENTS.ENABLED = False
 # "value": clamp every gradient element to [-CLIP_VALUE, CLIP_VALUE]; "norm": rescale all
-# gradients together so that their NORM_TYPE-norm is at most CLIP_VALUE.
+# gradients together so that their NORM_TYPE-norm is at most CLIP_VALUE; "agc": adaptive
+# gradient clipping (Brock et al., ICML 2021), each unit's (output channel's) gradient norm at
+# most CLIP_VALUE times max(its weight norm, AGC_EPS). For "agc" CLIP_VALUE is the paper's
+# lambda: 0.01 at batch 4096, larger for smaller batches (set it; the 1.0 here is for "value").
 _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
 _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
 _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+# "agc": the floor of the unit weight norms (the paper's 1e-3), so zero-initialised units move.
+_C.SOLVER.CLIP_GRADIENTS.AGC_EPS = 1e-3
+# "agc": parameters left unclipped, by regular expressions searched in their names (the paper
+# does not clip the final classifier). The default matches every predictor of norm_det's models:
+# RPN objectness/deltas, box class scores/deltas, the mask predictor, SSD's predictors and
+# DeepLab's classifier. [] clips every parameter; patterns that match nothing are refused.
+_C.SOLVER.CLIP_GRADIENTS.AGC_EXCLUDE = [
+    r"(^|\.)rpn\.head\.(cls_logits|bbox_pred)\.",
+    r"(^|\.)roi_heads\.box_predictor\.(cls_score|bbox_pred)\.",
+    r"(^|\.)roi_heads\.mask_predictor\.mask_fcn_logits\.",
+    r"(^|\.)head\.(classification_head|regression_head)\.module_list\.",
+    r"(^|\.)classifier\.predictor\.",
+]
 
 # ---------------------------------------------------------------------------------------------
 # TEST (norm_det.evaluation, norm_det.engine)

@@ -11,7 +11,9 @@ batches and take the plain mean of the per-forward statistics.
 :func:`recompute_running_statistics` does that for every layer whose running statistics are such
 moving averages — a module with a ``momentum`` attribute and buffers named ``running_*`` (torch's
 BN, norm_det's SyncBN, the ND/ND++ layers' ``running_mean`` / ``running_deconv``, IterNorm's
-``running_mean`` / ``running_wm``) — so a new scheme's layer takes part by following that naming.
+``running_mean`` / ``running_wm``, CBN's and BCN's batch statistics, EvoNorm-B0's
+``running_var``, MABN's running second moment) — so a new scheme's layer takes part by following
+that naming.
 A layer applied several times per forward (an RPN head on each FPN level) contributes every call.
 """
 
@@ -62,8 +64,9 @@ def recompute_running_statistics(
     Each layer's statistics are those of one training-mode forward (momentum 1 for the pass, and
     ND/ND++'s ``freeze`` schedule off, so every forward estimates them); the result is their
     plain mean over all forwards of all batches, averaged over processes when there are several.
-    Momentum, the freeze flags and the step counters (``num_batches_tracked``, which drive the
-    freeze schedule) are restored, so training continues as if the pass had not happened.
+    Momentum, the freeze flags, the step counters (``num_batches_tracked``, which drive the
+    freeze schedule) and the layers' other buffers (MABN's history) are restored, so training
+    continues as if the pass had not happened.
 
     Args:
         model: the (unwrapped) model; it is put in training mode for the pass and returned to
@@ -85,11 +88,18 @@ def recompute_running_statistics(
     if not layers:
         return 0
     saved = [(layer, layer.momentum, getattr(layer, "freeze", None)) for layer, _ in layers]
-    counters = [
-        (buffer, buffer.clone())
+    # Step counters (num_batches_tracked everywhere) and the layers' other state (MABN's
+    # moving-average history) come back as they were; only the running_* averages change.
+    kept = {
+        id(buffer): buffer
         for name, buffer in model.named_buffers()
         if name.rsplit(".", 1)[-1] == "num_batches_tracked"
-    ]
+    }
+    for layer, _ in layers:
+        for name, buffer in layer.named_buffers(recurse=False):
+            if buffer is not None and not name.startswith(_PREFIX):
+                kept[id(buffer)] = buffer
+    counters = [(buffer, buffer.clone()) for buffer in kept.values()]
     sums = {(id(layer), name): torch.zeros_like(getattr(layer, name)) for layer, names in layers
             for name in names}  # fmt: skip
     calls = dict.fromkeys((id(layer) for layer, _ in layers), 0)

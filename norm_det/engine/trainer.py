@@ -85,6 +85,8 @@ class Trainer(SimpleTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(pass_config(cfg))
+        # AGC clips per parameter and leaves out the predictors by name: built on the model.
+        grad_clipper = build_gradient_clipper(cfg, model)
         if get_world_size() > 1:
             device = next(model.parameters()).device
             model = nn.parallel.DistributedDataParallel(
@@ -98,7 +100,7 @@ class Trainer(SimpleTrainer):
             model,
             data_loader,
             optimizer,
-            grad_clipper=build_gradient_clipper(cfg),
+            grad_clipper=grad_clipper,
             accumulate_steps=cfg.SOLVER.ACCUMULATE_STEPS,
         )
         self.cfg = cfg

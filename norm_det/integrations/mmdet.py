@@ -60,9 +60,10 @@ from norm_det.schemes import (
 from norm_det.surgery import convert, is_conv, is_norm
 
 CONVERT_TYPE = "NormDetConvert"
-# Options a scheme without them ignores at these values, and only at these: the eps that mmcv's
-# build_norm_layer always passes, and the num_groups of mmdet's own GN configs
-# (`dict(type="GN", num_groups=32)`), so that changing the type word alone is enough.
+# Values that read as "not given": the eps that mmcv's build_norm_layer always passes (a scheme
+# whose paper has another eps, FRN's 1e-6, keeps it; one without an eps ignores it), and the
+# num_groups of mmdet's own GN configs (`dict(type="GN", num_groups=32)`), so that changing
+# the type word alone is enough.
 _IGNORED_DEFAULTS = {"eps": 1e-5, "num_groups": 32}
 # mmcv spells GroupNorm's group count num_groups; norm_det's GN schemes call it groups.
 _OPTION_ALIASES = {"num_groups": "groups"}
@@ -97,6 +98,8 @@ def _scheme_for(scheme_name: str, type_name: str, options: Mapping[str, Any]) ->
         alias = _OPTION_ALIASES.get(key)
         if key not in valid and alias in valid:
             key = alias
+        if key == "eps" and value == _IGNORED_DEFAULTS["eps"]:
+            continue
         if key in valid:
             resolved[key] = value
         elif _IGNORED_DEFAULTS.get(key, object()) != value:

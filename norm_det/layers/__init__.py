@@ -14,6 +14,15 @@ surgery can treat all schemes alike without knowing any of them:
   norm computes ``y = scale * x + shift`` per channel when ``scale`` is ``(C,)``, or
   ``y = scale @ x + shift`` over channels when ``scale`` is ``(C, C)``; used to fold the norm
   into the preceding convolution.
+- ``carries_activation: bool`` (normalization-activation layers: FRN + TLU, EvoNorm, NF's
+  scaled activation): the layer applies the activation that follows the norm, so the model
+  puts it in place of "norm, then ReLU" and keeps an
+  :class:`~norm_det.layers.protocol.ActivationInNorm` in the ReLU's slot.
+- ``pair_with(conv)`` (optional, norms whose statistics depend on the preceding convolution's
+  weights: CBN): the builders and :func:`norm_det.surgery.convert` tell the norm its convolution.
+- A norm whose eval transform is no affine map (per-sample statistics: GN-like layers, FRN,
+  EvoNorm with its activation, BCN) has ``folded_affine()`` return None; that is also how model
+  surgery recognises it as the norm after a convolution.
 - ``load_plain_weights(weight, bias)`` (optional, reparametrized layers): set the layer's
   parameters so that it reproduces a plain layer with these weights as closely as the
   reparametrization allows.
@@ -32,12 +41,18 @@ surgery can treat all schemes alike without knowing any of them:
 """
 
 from norm_det.layers.batch_norm import SyncBatchNorm
+from norm_det.layers.bcn import BatchChannelNorm2d
+from norm_det.layers.cbn import CrossIterationBatchNorm2d
 from norm_det.layers.czm import CZMConv2d, MultiplicativeNoise, czm_conv2d, czm_param_groups
 from norm_det.layers.deconv import DeconvConv2d, DeconvConvTranspose2d, DeconvLinear
+from norm_det.layers.evonorm import EvoNormB0, EvoNormS0
+from norm_det.layers.frn import FilterResponseNorm2d
 from norm_det.layers.frozen_bn import FrozenBatchNorm2d, convert_frozen_batchnorm
 from norm_det.layers.group_norm import GroupNorm
 from norm_det.layers.isqrt import inverse_sqrt
 from norm_det.layers.iternorm import IterNorm
+from norm_det.layers.mabn import CenteredConv2d, MovingAverageBatchNorm2d
+from norm_det.layers.nf import ScaledActivation, ScaledStdConv2d
 from norm_det.layers.protocol import (
     collect_step_losses,
     no_weight_decay_parameters,
@@ -48,15 +63,24 @@ from norm_det.layers.pws import PWSConv2d
 from norm_det.layers.weight_std import WSConv2d
 
 __all__ = [
+    "BatchChannelNorm2d",
     "CZMConv2d",
+    "CenteredConv2d",
+    "CrossIterationBatchNorm2d",
     "DeconvConv2d",
     "DeconvConvTranspose2d",
     "DeconvLinear",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm2d",
     "FrozenBatchNorm2d",
     "GroupNorm",
     "IterNorm",
+    "MovingAverageBatchNorm2d",
     "MultiplicativeNoise",
     "PWSConv2d",
+    "ScaledActivation",
+    "ScaledStdConv2d",
     "SyncBatchNorm",
     "WSConv2d",
     "collect_step_losses",

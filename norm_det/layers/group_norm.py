@@ -15,6 +15,57 @@ from torch import nn
 DEFAULT_GROUPS = 32
 
 
+def resolve_groups(
+    num_channels: int,
+    num_groups: int,
+    strict: bool,
+    layer_name: str,
+    schemes: tuple[str, ...] = (),
+) -> int:
+    """The group count a group-wise norm over ``num_channels`` channels uses.
+
+    ``num_groups`` when it divides ``num_channels``. Otherwise only the default 32 groups, not
+    asked for (``strict`` False), fall back to their greatest common divisor with
+    ``num_channels``, with a warning (narrow test models have fewer than 32 channels).
+
+    Args:
+        num_channels: channels ``C`` of the norm.
+        num_groups: groups asked for.
+        strict: whether the group count was asked for (a scheme's ``groups`` option was given).
+        layer_name: names the layer in the messages.
+        schemes: scheme names for the example in the error (``("GN", "GN+WS")`` gives
+            ``'GN(groups=4)' or 'GN+WS(groups=4)'``); none: ``groups=4``.
+
+    Returns:
+        The number of groups, a divisor of ``num_channels``.
+
+    Raises:
+        ValueError: ``num_groups`` does not divide ``num_channels`` and was asked for or is not
+            the default; the message names both numbers, the option to change and a divisor.
+    """
+    if num_groups < 1:
+        raise ValueError(f"{layer_name}: groups must be >= 1; got {num_groups}")
+    if num_channels % num_groups == 0:
+        return num_groups
+    if strict or num_groups != DEFAULT_GROUPS:
+        fitting = max(g for g in range(1, num_groups + 1) if num_channels % g == 0)
+        if schemes:
+            example = " or ".join(f"'{scheme}(groups={fitting})'" for scheme in schemes)
+        else:
+            example = f"groups={fitting}"
+        raise ValueError(
+            f"{layer_name}: {num_groups} groups do not divide {num_channels} channels; "
+            f"set the scheme's groups option to a divisor of {num_channels} (e.g. {example})"
+        )
+    fallback = math.gcd(num_channels, num_groups)
+    warnings.warn(
+        f"{layer_name}: {num_groups} groups do not divide {num_channels} channels; "
+        f"using {fallback} groups",
+        stacklevel=3,  # the code that built the layer
+    )
+    return fallback
+
+
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` built as ``GroupNorm(num_channels, num_groups=32)``.
 
@@ -42,21 +93,9 @@ class GroupNorm(nn.GroupNorm):
         affine: bool = True,
         strict: bool = False,
     ) -> None:
-        if num_channels % num_groups:
-            if strict or num_groups != DEFAULT_GROUPS:
-                fitting = max(g for g in range(1, num_groups + 1) if num_channels % g == 0)
-                raise ValueError(
-                    f"GroupNorm: {num_groups} groups do not divide {num_channels} channels; "
-                    f"set the scheme's groups option to a divisor of {num_channels} "
-                    f"(e.g. 'GN(groups={fitting})' or 'GN+WS(groups={fitting})')"
-                )
-            fallback = math.gcd(num_channels, num_groups)
-            warnings.warn(
-                f"GroupNorm: {num_groups} groups do not divide {num_channels} channels; "
-                f"using {fallback} groups",
-                stacklevel=2,
-            )
-            num_groups = fallback
+        num_groups = resolve_groups(
+            num_channels, num_groups, strict, "GroupNorm", schemes=("GN", "GN+WS")
+        )
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
 
     def fuse(self) -> nn.GroupNorm:

@@ -167,3 +167,17 @@ def collect_step_losses(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, value in (losses or {}).items():
             values[name] = values[name] + value if name in values else value
     return values
+
+
+# ---------------------------------------------------------------------------------------------
+# The activation slot of a normalization-activation layer.
+
+
+class ActivationInNorm(nn.Identity):
+    """The place of a ReLU that the layer before it applies (a norm that carries its activation).
+
+    Model code keeps an activation slot after every conv+norm it activates. With a scheme whose
+    norm is a normalization-activation layer (FRN + TLU, EvoNorm) the slot holds this instead of
+    ``nn.ReLU``, so that :func:`norm_det.surgery.convert` to any other scheme knows a ReLU goes
+    back there.
+    """

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from norm_det.layers.protocol import ActivationInNorm
 from norm_det.schemes import (
     Scheme,
     build_conv_norm,
+    carries_activation,
     get_scheme,
     image_conv_scheme,
     predictor_scheme,
@@ -55,7 +57,9 @@ class ConvNormAct(nn.Sequential):
         scheme: the scheme (or its name) that builds the pair.
         in_channels, out_channels, kernel_size, stride, dilation, groups: as in ``nn.Conv2d``.
         padding: defaults to ``dilation * (kernel_size // 2)`` ("same" for odd kernels).
-        activation: append an in-place ReLU.
+        activation: append an in-place ReLU. For a scheme whose norm carries its activation
+            (``Scheme.norm_act``: FRN + TLU, EvoNorm) the ``norm`` slot holds that layer and
+            the ``relu`` slot an :class:`~norm_det.layers.protocol.ActivationInNorm`.
 
     Shapes:
         ``(N, in_channels, H, W) -> (N, out_channels, H', W')``.
@@ -85,10 +89,11 @@ class ConvNormAct(nn.Sequential):
             padding=padding,
             dilation=dilation,
             groups=groups,
+            activation=activation,
         )
         layers: OrderedDict[str, nn.Module] = OrderedDict(conv=conv, norm=norm)
         if activation:
-            layers["relu"] = nn.ReLU(inplace=True)
+            layers["relu"] = ActivationInNorm() if carries_activation(norm) else nn.ReLU(True)
         super().__init__(layers)
         self.out_channels = out_channels
 

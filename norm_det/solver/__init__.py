@@ -1,6 +1,7 @@
 """Optimizers (SGD, LARS, LAMB) with per-parameter weight decay, warmup LR schedules, gradient
-clipping, and batch-size scaling rules."""
+clipping (by value, norm, or adaptive per unit), and batch-size scaling rules."""
 
+from norm_det.solver.agc import AdaptiveGradientClipper, adaptive_clip_grad_
 from norm_det.solver.grad_clip import GradientClipper, build_gradient_clipper
 from norm_det.solver.lamb import LAMB
 from norm_det.solver.lars import LARS
@@ -28,11 +29,13 @@ __all__ = [
     "LARS",
     "LR_SCALINGS",
     "OPTIMIZERS",
+    "AdaptiveGradientClipper",
     "GradientClipper",
     "WarmupCosineLR",
     "WarmupLR",
     "WarmupMultiStepLR",
     "WarmupPolyLR",
+    "adaptive_clip_grad_",
     "build_gradient_clipper",
     "build_lr_scheduler",
     "build_optimizer",

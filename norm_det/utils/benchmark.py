@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "FIELD_SCHEMES",
     "interleaved_times",
     "peak_allocated",
     "peak_resident",
@@ -37,6 +38,18 @@ __all__ = [
 ]
 
 Step = Callable[[], object]
+
+# The normalizations beyond the seeds' (docs/field.md), as both benchmark tools time them: CBN
+# and MABN past their burn-in / warm-up, where they do their own work (plain BN before).
+FIELD_SCHEMES = (
+    "FRN",
+    "EvoNorm-B0",
+    "EvoNorm-S0",
+    "NF",
+    "CBN(burnin=0)",
+    "BCN+WS",
+    "MABN(warmup_iters=0)",
+)
 
 
 def synchronize(device: torch.device) -> None:

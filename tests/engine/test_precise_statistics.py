@@ -153,3 +153,57 @@ def test_trainer_recomputes_before_evaluating_and_training_is_unchanged(tmp_path
     # float32 means of 4·6·6 = 144 values below 4 in magnitude: apart by at most 144·2^-24·4.
     torch.testing.assert_close(saved["norm.running_mean"], expected, atol=4e-5, rtol=0)
     assert not torch.allclose(plain_state["norm.running_mean"], expected, atol=1e-3)
+
+
+def _field_layers() -> dict[str, tuple[nn.Module, object]]:
+    """The new BN-like layers, with the per-forward statistic their running average holds."""
+    from norm_det.layers import (
+        BatchChannelNorm2d,
+        CrossIterationBatchNorm2d,
+        EvoNormB0,
+        MovingAverageBatchNorm2d,
+    )
+
+    def unbiased(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1).reshape(x.shape[1], -1).var(dim=1)
+
+    def second_moment(x: torch.Tensor) -> torch.Tensor:
+        return x.square().mean(dim=(0, 2, 3))
+
+    return {
+        "CBN": (CrossIterationBatchNorm2d(4, burnin=0).double(), ("running_var", unbiased)),
+        "EvoNorm-B0": (EvoNormB0(4).double(), ("running_var", unbiased)),
+        "MABN": (
+            MovingAverageBatchNorm2d(4, warmup_iters=0).double(),
+            ("running_var", second_moment),
+        ),
+        "BCN": (BatchChannelNorm2d(4, groups=2).double(), ("running_var", unbiased)),
+        # The micro-batch variant normalizes by its estimates in training: the biased variance.
+        "BCN estimate": (
+            BatchChannelNorm2d(4, groups=2, estimate=True).double(),
+            ("running_var", lambda x: x.var(dim=(0, 2, 3), unbiased=False)),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_field_layers()))
+def test_the_field_s_batch_statistics_layers_take_part(name: str) -> None:
+    layer, (buffer, statistic) = _field_layers()[name]
+    if hasattr(layer, "pair_with"):  # CBN normalizes a convolution's output
+        conv = nn.Conv2d(4, 4, 1).double()
+        layer.pair_with(conv)
+        model: nn.Module = nn.Sequential(conv, layer)
+        with torch.no_grad():
+            conv.weight.copy_(torch.eye(4).view(4, 4, 1, 1))
+            conv.bias.zero_()
+    else:
+        model = layer
+    batches = _batches(4)
+    before = {k: v.clone() for k, v in layer.state_dict().items() if not k.startswith("running_")}
+    assert recompute_running_statistics(model, iter(batches), _forward, 4) == 1
+    expected = torch.stack([statistic(b) for b in batches]).mean(0)
+    torch.testing.assert_close(getattr(layer, buffer), expected, atol=1e-12, rtol=0)
+    # Everything but the running averages is as before the pass (MABN's history included).
+    after = {k: v for k, v in layer.state_dict().items() if not k.startswith("running_")}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -31,7 +31,7 @@ from detectron2.utils.events import EventStorage
 
 from norm_det.integrations import detectron2 as nd_d2
 from norm_det.layers import FrozenBatchNorm2d, GroupNorm, SyncBatchNorm, WSConv2d
-from norm_det.schemes import available_schemes, build_norm, get_scheme
+from norm_det.schemes import available_schemes, build_norm, carries_activation, get_scheme
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "detectron2"
 YAML_FILES = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("Base"))
@@ -112,6 +112,9 @@ def assert_follows(convs: list[nn.Conv2d], scheme: str, *, first_is_image_conv: 
         else:
             assert isinstance(conv, _probe_conv(scheme, conv.kernel_size[0])), (conv, scheme)
         norm = expected_norm(scheme, frozen)
+        if not native and carries_activation(conv.norm):
+            # Where a ReLU follows, a normalization-activation layer (FRN, EvoNorm, NF).
+            norm = type(build_norm(scheme, 64, activation=True))
         if norm is None:
             assert conv.norm is None and conv.bias is not None, (index, scheme)
         else:
@@ -418,5 +421,10 @@ def test_every_registered_scheme_works_in_every_key() -> None:
             assert type(conv) is Conv2d, scheme
         else:
             assert isinstance(conv, _probe_conv(scheme)), scheme
-        assert (None if conv.norm is None else type(conv.norm)) is expected_norm(scheme)
+        expected = expected_norm(scheme)
+        if scheme not in nd_d2.DETECTRON2_NORMS:
+            # The block's forward follows conv2 by a ReLU: a normalization-activation layer.
+            expected = type(build_norm(scheme, 64, activation=True))
+            expected = None if expected is nn.Identity else expected
+        assert (None if conv.norm is None else type(conv.norm)) is expected, scheme
         assert_no_marker(model)

@@ -576,10 +576,16 @@ def _set_norm_word(node: object, old: str, new: str) -> int:
     return count
 
 
+NORM_ABBREVIATIONS = "bn|gn|iternorm|cbn|mabn|bcn|frn|evonorm_b0|evonorm_s0"
+
+
 def _layer_types(model: nn.Module) -> dict[str, str]:
-    """Module path -> layer class; mmdet's norm names (``bn1``, ``gn``) read ``norm1``, ``norm``."""
+    """Module path -> layer class; mmdet's norm names (``bn1``, ``gn``: mmcv names a norm by its
+    class's ``_abbr_``) read ``norm1``, ``norm``."""
     return {
-        re.sub(r"(?<![^.])(?:bn|gn|iternorm)(\d*)(?![^.])", r"norm\1", path): type(m).__name__
+        re.sub(rf"(?<![^.])(?:{NORM_ABBREVIATIONS})(\d*)(?![^.])", r"norm\1", path): type(
+            m
+        ).__name__
         for path, m in model.named_modules()
     }
 
@@ -613,7 +619,10 @@ def test_one_norm_word_in_mmdets_gn_all_config_builds_the_scheme_network(scheme:
     image_scheme = "none" if resolved.keep_first_conv_plain else scheme
     assert type(first) is type(build_conv_norm(image_scheme, 3, 8, 7)[0])
     assert type(model.backbone.layer1[0].conv1) is type(conv)
-    assert type(model.backbone.layer1[0].norm1) is type(norm)
+    # A ReLU follows the block's first norm: a scheme's normalization-activation layer there.
+    activated = build_conv_norm(scheme, 8, 8, 3, activation=True)[1]
+    assert type(model.backbone.layer1[0].norm1) is type(activated)
+    assert type(model.backbone.layer1[0].norm2) is type(norm)
     assert type(model.neck.fpn_convs[0].conv) is type(conv)
     assert type(model.roi_head.bbox_head.shared_convs[0].conv) is type(conv)
     assert type(model.roi_head.mask_head.convs[0].conv) is type(conv)

@@ -191,9 +191,8 @@ def convert_network(scheme: str) -> dict[str, Counter]:
 
 def detectron2_network(scheme: str) -> dict[str, Counter]:
     pytest.importorskip("detectron2")
-    from detectron2 import model_zoo
+    from detectron2 import model_zoo, modeling
     from detectron2.config import get_cfg as get_detectron2_cfg
-    from detectron2.modeling import build_model as build_detectron2_model
 
     import norm_det.integrations.detectron2  # noqa: F401  (detectron2's get_norm learns schemes)
 
@@ -207,7 +206,9 @@ def detectron2_network(scheme: str) -> dict[str, Counter]:
     _narrow(model)
     for key in SLOTS["detectron2"][0]:
         model[key].NORM = scheme
-    return network_by_role("detectron2", build_detectron2_model(cfg))
+    # Looked up now: the integration rebinds build_model in the modules loaded, not in a name
+    # imported before it.
+    return network_by_role("detectron2", modeling.build_model(cfg))
 
 
 @functools.lru_cache(maxsize=1)

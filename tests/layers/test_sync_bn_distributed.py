@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -107,3 +108,49 @@ def test_two_processes_equal_one_process_with_the_whole_batch():
     for r in results:
         assert ((r["running_mean"] - bn.running_mean).abs() <= bounds["running_mean"]).all()
         assert ((r["running_var"] - bn.running_var).abs() <= bounds["running_var"]).all()
+
+
+def _uneven_step(rank: int, world_size: int, x: torch.Tensor, sizes: list, mode: str) -> dict:
+    torch.set_num_threads(1)
+    norm = SyncBatchNorm(x.shape[1], stats_mode=mode).double()
+    start = sum(sizes[:rank])
+    local = x[start : start + sizes[rank]]
+    try:
+        out = norm(local)
+    except ValueError as error:
+        return {"error": str(error)}
+    return {"out": out.detach(), "running_mean": norm.running_mean}
+
+
+def test_stats_mode_n_weights_processes_by_their_batch_and_allows_an_empty_one():
+    # A head whose boxes all went to one process: 3 images there, 1 and 0 on the others.
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64) * 3 + 2
+    results = run_distributed(_uneven_step, 3, x, [3, 1, 0], "N")
+    bn = nn.BatchNorm2d(3).double()
+    reference = bn(x).detach()
+    torch.testing.assert_close(torch.cat([r["out"] for r in results]), reference)
+    for r in results:
+        torch.testing.assert_close(r["running_mean"], bn.running_mean)
+
+
+def test_stats_mode_default_counts_each_process_equally_and_refuses_an_empty_one_everywhere():
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64) * 3 + 2
+    results = run_distributed(_uneven_step, 2, x, [3, 1], "default")
+    parts = (x[:3], x[3:])
+    mean = sum(p.mean((0, 2, 3)) for p in parts) / 2
+    square = sum((p * p).mean((0, 2, 3)) for p in parts) / 2
+    var = square - mean * mean
+    expected = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + 1e-5)
+    torch.testing.assert_close(torch.cat([r["out"] for r in results]), expected)
+    # An empty process joins the exchange, then every process raises (none waits forever).
+    results = run_distributed(_uneven_step, 2, x, [4, 0], "default")
+    for r in results:
+        assert "1 process(es) had an empty batch" in r["error"]
+        assert "stats_mode='N'" in r["error"]
+
+
+def test_stats_mode_is_checked():
+    with pytest.raises(ValueError, match="stats_mode is 'sum'"):
+        SyncBatchNorm(3, stats_mode="sum")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from norm_det import convert
+from norm_det.layers.protocol import ActivationInNorm
 from norm_det.modeling import build_model
 from norm_det.schemes import (
     available_schemes,
@@ -106,7 +107,8 @@ def expected_layer(
     if role == "linear":
         return build_linear(resolved, layer.in_features, layer.out_features)
     channels = getattr(layer, "num_features", getattr(layer, "num_channels", None))
-    return build_norm(resolved, channels)
+    # A norm the model activates (a ReLU slot follows it) is the scheme's norm_act, if any.
+    return build_norm(resolved, channels, activation=role == "activated_norm")
 
 
 def scheme_layers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
@@ -131,7 +133,8 @@ def scheme_layers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
             elif isinstance(child, nn.Linear):
                 layers[path] = ("linear", child)
             elif is_norm(child) or (isinstance(child, nn.Identity) and name == "norm"):
-                layers[path] = ("norm", child)
+                activated = isinstance(following, (nn.ReLU, ActivationInNorm))
+                layers[path] = ("activated_norm" if activated else "norm", child)
     return layers
 
 
@@ -139,14 +142,15 @@ def check_model(arch: str, model: nn.Module, schemes: dict[str, str]) -> dict[st
     """Assert every layer of ``model`` is of the scheme of its region; count layers by role."""
     layers = scheme_layers(model)
     predictors = tuple(predictor_paths(model))
-    counts = dict.fromkeys(("pair_conv", "lone_conv", "deconv", "linear", "norm", "predictor"), 0)
+    roles = ("pair_conv", "lone_conv", "deconv", "linear", "norm", "activated_norm", "predictor")
+    counts = dict.fromkeys(roles, 0)
     for path, (role, layer) in layers.items():
         key = next((k for prefix, k in REGIONS[arch].items() if path.startswith(prefix)), None)
         assert key is not None, f"{arch}: layer {path} is outside every norm key's region"
         first = path == FIRST_CONV[arch] or path == FIRST_CONV[arch].replace(".conv", ".norm")
         predictor = any(path == p or path.startswith(p + ".") for p in predictors)
         counts["predictor"] += predictor
-        if role == "norm" and first and get_scheme(schemes[key]).keep_first_conv_plain:
+        if "norm" in role and first and get_scheme(schemes[key]).keep_first_conv_plain:
             expected = nn.Identity()
         else:
             expected = expected_layer(schemes[key], role, layer, first, predictor)
@@ -176,7 +180,7 @@ def test_every_covered_layer_is_of_the_scheme(arch: str, scheme: str) -> None:
     counts = check_model(arch, model, dict.fromkeys(NORM_KEYS[arch], scheme))
     resolved = get_scheme(scheme)
     assert counts["pair_conv"] >= 10
-    assert counts["norm"] == counts["pair_conv"]
+    assert counts["norm"] + counts["activated_norm"] == counts["pair_conv"]
     if arch == "MaskRCNN":
         assert counts["linear"] == 4 and counts["deconv"] == 1  # fc6, fc7, cls, bbox; mask deconv
         # RPN objectness and deltas, class scores and box deltas, mask logits.
@@ -187,10 +191,8 @@ def test_every_covered_layer_is_of_the_scheme(arch: str, scheme: str) -> None:
         assert counts["predictor"] == 1
     # A scheme with a norm leaves no norm of another kind (no BatchNorm in a GN or NDPP model).
     norm_types = {type(m) for m in model.modules() if is_norm(m)}
-    if resolved.norm is None:
-        assert not norm_types
-    else:
-        assert norm_types == {type(build_norm(resolved, 8))}
+    built = {type(build_norm(resolved, 8, activation=a)) for a in (False, True)} - {nn.Identity}
+    assert norm_types == built
     # The scheme's residual-unit input module sits at the input of every residual unit.
     if "RESNETS" in NORM_KEYS[arch]:
         blocks = _residual_blocks(model)

@@ -20,6 +20,7 @@ import torch
 from fvcore.common.config import CfgNode
 from torch import nn
 
+from norm_det.layers.protocol import ActivationInNorm
 from norm_det.modeling.conv_norm import (
     ConvNormAct,
     SchemeSpec,
@@ -27,7 +28,7 @@ from norm_det.modeling.conv_norm import (
     init_plain_layers,
     resolve_scheme,
 )
-from norm_det.schemes import Scheme
+from norm_det.schemes import Scheme, build_norm, carries_activation
 
 # depth -> (number of blocks in res2..res5, whether the blocks are bottlenecks)
 RESNET_SPECS: dict[int, tuple[tuple[int, int, int, int], bool]] = {
@@ -124,6 +125,128 @@ def bottleneck_block(
     )
 
 
+class PreActivationBlock(nn.Module):
+    """A pre-activation residual unit: ``x + alpha * branch(preact(x / beta))``.
+
+    He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016 (ResNet-V2): the norm
+    and ReLU come before each convolution, and nothing follows the addition. The projection
+    shortcut, where the shape changes, takes the pre-activated input. ``alpha`` and ``beta``
+    are 1 except for normalizer-free networks (Brock et al., "Characterizing signal
+    propagation to close the performance gap in unnormalized ResNets", ICLR 2021, section 4):
+    ``beta`` is the expected standard deviation of the unit's input, so the branch sees unit
+    variance, and ``alpha`` (0.2) the rate at which the variance grows.
+
+    Args:
+        preact: the norm and the activation applied to the unit's input.
+        branch: the residual branch; its last layer is a convolution with nothing after it.
+        shortcut: projection of the pre-activated input when the shape changes, else ``None``.
+        residual_input: as :class:`ResidualBlock`.
+        alpha, beta: the normalizer-free scalars (1: the plain pre-activation unit).
+    """
+
+    def __init__(
+        self,
+        preact: nn.Module,
+        branch: OrderedDict[str, nn.Module],
+        shortcut: nn.Module | None,
+        residual_input: nn.Module | None,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.residual_input = residual_input if residual_input is not None else nn.Identity()
+        self.preact = preact
+        for name, layer in branch.items():
+            self.add_module(name, layer)
+        self._branch_names = tuple(branch)
+        self.shortcut = shortcut
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
+        x = self.residual_input(x)
+        out = self.preact(x / self.beta if self.beta != 1 else x)
+        identity = x if self.shortcut is None else self.shortcut(out)
+        for name in self._branch_names:
+            out = getattr(self, name)(out)
+        return identity + self.alpha * out if self.alpha != 1 else identity + out
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta:.4g}" if self.alpha != 1 else ""
+
+
+def _preactivation(scheme: Scheme, channels: int) -> nn.Sequential:
+    """The norm and ReLU in front of a convolution (one layer for a ``norm_act`` scheme)."""
+    norm = build_norm(scheme, channels, activation=True)
+    relu = ActivationInNorm() if carries_activation(norm) else nn.ReLU(inplace=True)
+    return nn.Sequential(OrderedDict(norm=norm, relu=relu))
+
+
+def _scheme_conv(
+    scheme: Scheme,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    dilation: int = 1,
+) -> nn.Module:
+    """The scheme's convolution where a pre-activation network has a conv with no norm right
+    after it (the stem, a branch's last conv, a shortcut): a norm follows it later (the next
+    unit's), so it is the scheme's convolution as at every conv+norm, weight-standardized in
+    BiT's GN+WS networks, scale-standardized in NF-ResNets."""
+    return scheme.conv(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=dilation * (kernel_size // 2),
+        dilation=dilation,
+        bias=bool(scheme.conv_bias),
+    )
+
+
+def preactivation_block(
+    scheme: Scheme,
+    in_channels: int,
+    out_channels: int,
+    *,
+    bottleneck_channels: int | None,
+    stride: int,
+    dilation: int,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> PreActivationBlock:
+    """A pre-activation bottleneck (1x1 -> 3x3 with the stride -> 1x1), or two 3x3 convolutions
+    when ``bottleneck_channels`` is None (ResNet-18/34)."""
+    if bottleneck_channels is None:
+        branch = OrderedDict(
+            conv1=ConvNormAct(
+                scheme, in_channels, out_channels, 3, stride=stride, dilation=dilation
+            ),
+            conv2=_scheme_conv(scheme, out_channels, out_channels, 3, dilation=dilation),
+        )
+    else:
+        branch = OrderedDict(
+            conv1=ConvNormAct(scheme, in_channels, bottleneck_channels, 1),
+            conv2=ConvNormAct(
+                scheme,
+                bottleneck_channels,
+                bottleneck_channels,
+                3,
+                stride=stride,
+                dilation=dilation,
+            ),
+            conv3=_scheme_conv(scheme, bottleneck_channels, out_channels, 1),
+        )
+    shortcut = None
+    if stride != 1 or in_channels != out_channels:
+        shortcut = _scheme_conv(scheme, in_channels, out_channels, 1, stride=stride)
+    return PreActivationBlock(
+        _preactivation(scheme, in_channels), branch, shortcut, _noise(scheme), alpha, beta
+    )
+
+
 def _shortcut(scheme: Scheme, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
     if stride == 1 and in_channels == out_channels:
         return None
@@ -156,6 +279,13 @@ class ResNet(nn.Module):
         freeze_at: 0 trains everything; k >= 1 freezes the stem and ``res2`` .. ``res{k}``:
             their parameters get no gradient and they stay in eval mode (so statistics-keeping
             layers of any scheme stop updating too).
+        preact: the pre-activation ResNet-V2 (He et al., ECCV 2016; BiT's and NF-ResNets'
+            trunk): :class:`PreActivationBlock` units, a stem that is one convolution (and the
+            pool) with no norm, and a final norm and ReLU (``final``) on the last stage's
+            output. A scheme with a ``residual_alpha`` (NF) gets the normalizer-free unit
+            ``x + alpha * f(x / beta)`` with ``beta`` the expected std of ``x``: 1 after the
+            stem, growing by ``alpha^2`` in variance per unit, back to ``1 + alpha^2`` after
+            each stage's first unit, whose shortcut sees the scaled input.
 
     Shapes:
         ``forward(x: (N, 3, H, W)) -> {name: (N, out_feature_channels[name], H / s, W / s)}``
@@ -174,6 +304,7 @@ class ResNet(nn.Module):
         replace_stride_with_dilation: Sequence[bool] = (False, False, False),
         out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
         freeze_at: int = 0,
+        preact: bool = False,
     ) -> None:
         super().__init__()
         if depth not in RESNET_SPECS:
@@ -203,12 +334,16 @@ class ResNet(nn.Module):
         if res2_channels is None:
             res2_channels = 256 if bottleneck else 64
 
+        if preact:
+            stem_conv = _scheme_conv(image_conv_scheme(scheme), 3, stem_channels, 7, stride=2)
+        else:
+            stem_conv = ConvNormAct(image_conv_scheme(scheme), 3, stem_channels, 7, stride=2)
         self.stem = nn.Sequential(
-            OrderedDict(
-                conv1=ConvNormAct(image_conv_scheme(scheme), 3, stem_channels, 7, stride=2),
-                pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-            )
+            OrderedDict(conv1=stem_conv, pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         )
+        self.preact = preact
+        alpha = scheme.residual_alpha if preact and scheme.residual_alpha is not None else 1.0
+        variance = 1.0  # of the stem's output, as normalizer-free networks assume
         self.out_features = tuple(out_features)
         self.out_feature_channels = {"stem": stem_channels}
         self.out_feature_strides = {"stem": 4}
@@ -229,7 +364,19 @@ class ResNet(nn.Module):
                     stride=stride if block_index == 0 else 1,
                     dilation=first_dilation if block_index == 0 else dilation,
                 )
-                if bottleneck:
+                if preact:
+                    block = preactivation_block(
+                        scheme,
+                        in_channels,
+                        out_channels,
+                        bottleneck_channels=bottleneck_channels * scale if bottleneck else None,
+                        alpha=alpha,
+                        beta=variance**0.5 if alpha != 1 else 1.0,
+                        **kwargs,
+                    )
+                    # The first unit's shortcut takes the scaled input: the variance restarts.
+                    variance = (1.0 if block.shortcut is not None else variance) + alpha**2
+                elif bottleneck:
                     block = bottleneck_block(
                         scheme,
                         in_channels,
@@ -247,6 +394,8 @@ class ResNet(nn.Module):
             self.out_feature_channels[name] = out_channels
             self.out_feature_strides[name] = stride_so_far
         self._stage_names = STAGE_NAMES[: last_stage + 1]
+        # ResNet-V2's norm and ReLU after the last unit (nothing follows a unit's addition).
+        self.final = _preactivation(scheme, in_channels) if preact else None
 
         init_plain_layers(self, "msra")
         self.freeze_at = freeze_at
@@ -255,7 +404,10 @@ class ResNet(nn.Module):
             stage.eval()
 
     def _frozen_stages(self) -> list[nn.Module]:
-        return [getattr(self, name) for name in self._stage_names[: self.freeze_at]]
+        frozen = [getattr(self, name) for name in self._stage_names[: self.freeze_at]]
+        if self.final is not None and self.freeze_at >= len(self._stage_names):
+            frozen.append(self.final)
+        return frozen
 
     def train(self, mode: bool = True) -> ResNet:
         """Set train/eval mode; frozen stages always stay in eval mode."""
@@ -269,6 +421,8 @@ class ResNet(nn.Module):
         outputs = {}
         for name in self._stage_names:
             x = getattr(self, name)(x)
+            if self.final is not None and name == self._stage_names[-1]:
+                x = self.final(x)
             if name in self.out_features:
                 outputs[name] = x
         return outputs
@@ -303,4 +457,5 @@ class ResNet(nn.Module):
             replace_stride_with_dilation=tuple(resnets.REPLACE_STRIDE_WITH_DILATION),
             out_features=tuple(out_features or resnets.OUT_FEATURES),
             freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+            preact=resnets.PREACT,
         )
