@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from norm_det.layers.distributed import all_reduce_mean, get_world_size
+from norm_det.layers.distributed import all_reduce_mean_moments, get_world_size
 from norm_det.layers.isqrt import BACKENDS, symmetric_matmul, whiten_rows
 
 SCALE_INVARIANCES = ("none", "layernorm", "l1norm")
@@ -420,9 +420,8 @@ class _DeconvMixin:
         """``(mu, Cov)`` from a batch's ``mean`` ``(mats, F)`` and ``E[x x^T]``
         ``(mats, F, F)``, averaged over processes when syncing; updates the running mean."""
         if self.sync and get_world_size() > 1:
-            packed = all_reduce_mean(torch.cat([mean.flatten(), outer.flatten()]))
-            mean = packed[: mean.numel()].view_as(mean)
-            outer = packed[mean.numel() :].view_as(outer)
+            # Upper triangles only: E[x x^T] is symmetric (half the bytes, the same numbers).
+            mean, outer = all_reduce_mean_moments(mean, outer)
         cov = torch.baddbmm(outer, mean[:, :, None], mean[:, None, :], alpha=-1)
         cov.diagonal(dim1=-2, dim2=-1).add_(self.eps)
         # One reduction: any NaN or Inf (or an overflow) makes the sum non-finite.

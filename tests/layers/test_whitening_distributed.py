@@ -74,3 +74,59 @@ def test_two_processes_equal_one_process_with_the_whole_batch() -> None:
         for r in results:
             for key, value in layer.named_buffers():
                 assert torch.allclose(r[name]["buffers"][key], value, atol=1e-12), (name, key)
+
+
+def _moment_exchanges(rank: int, world_size: int) -> dict:
+    """The upper-triangle exchange and the full one, on each process's own moments."""
+    from norm_det.layers.distributed import all_reduce_mean, all_reduce_mean_moments
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(rank)
+    x = torch.randn(3, 40, 6, generator=generator, dtype=torch.float64)
+    results = {}
+    for kind in ("triangle", "full"):
+        leaf = x.clone().requires_grad_(True)
+        mean, outer = leaf.mean(1), torch.einsum("mnf,mng->mfg", leaf, leaf) / leaf.shape[1]
+        if kind == "triangle":
+            mean, outer = all_reduce_mean_moments(mean, outer)
+        else:
+            packed = all_reduce_mean(torch.cat([mean.flatten(), outer.flatten()]))
+            mean, outer = (
+                packed[: mean.numel()].view_as(mean),
+                packed[mean.numel() :].view_as(outer),
+            )
+        weights = torch.arange(outer.numel(), dtype=outer.dtype).view_as(outer).cos()
+        (outer * weights).sum().add((mean * mean).sum()).backward()
+        results[kind] = {"mean": mean.detach(), "outer": outer.detach(), "grad": leaf.grad}
+    return results
+
+
+def test_the_upper_triangle_exchange_equals_the_full_one() -> None:
+    for result in run_distributed(_moment_exchanges, 2):
+        triangle, full = result["triangle"], result["full"]
+        for key in ("mean", "outer", "grad"):
+            torch.testing.assert_close(triangle[key], full[key], rtol=1e-6, atol=1e-12)
+        assert torch.equal(triangle["outer"], triangle["outer"].transpose(-1, -2))
+
+
+def _counted_step(rank: int, world_size: int, upper: bool) -> tuple[int, int]:
+    from norm_det.layers.distributed import send_upper_triangles
+    from norm_det.utils.collectives import CollectiveCounter
+
+    torch.set_num_threads(1)
+    send_upper_triangles(upper)
+    layer = build_layers()["conv3x3"]
+    local = batch("conv3x3").chunk(world_size)[rank].clone().requires_grad_(True)
+    with CollectiveCounter() as counter:
+        loss(layer(local)).backward()
+    return counter.calls, counter.bytes
+
+
+def test_a_synced_layer_makes_one_exchange_each_way_of_upper_triangles() -> None:
+    # block 4, 3x3: F = 36 features; the 8 / 4 channel groups are samples of one matrix.
+    matrices, features = 1, 36
+    triangle = matrices * (features + features * (features + 1) // 2) * 8
+    whole = matrices * (features + features * features) * 8
+    for upper, expected in ((True, triangle), (False, whole)):
+        for calls, sent in run_distributed(_counted_step, 2, upper):
+            assert (calls, sent) == (2, 2 * expected)  # forward and backward
