@@ -77,15 +77,19 @@ ACTIVATED_NORMS: dict[tuple[str, str], BlockUnits] = {
 }
 
 
-def _units_of(block: nn.Module) -> BlockUnits | None:
-    for cls in type(block).__mro__:
-        units = ACTIVATED_NORMS.get((cls.__module__.split(".")[0], cls.__name__))
+def _units_of_class(cls: type) -> BlockUnits | None:
+    for base in cls.__mro__:
+        units = ACTIVATED_NORMS.get((base.__module__.split(".")[0], base.__name__))
         if units is not None:
-            # mmdet's blocks with plugins or activation checkpointing run other code between.
-            if getattr(block, "with_plugins", False) or getattr(block, "with_cp", False):
-                return None
             return units
     return None
+
+
+def _units_of(block: nn.Module) -> BlockUnits | None:
+    # mmdet's blocks with plugins or activation checkpointing run other code between.
+    if getattr(block, "with_plugins", False) or getattr(block, "with_cp", False):
+        return None
+    return _units_of_class(type(block))
 
 
 def knows_block(block: nn.Module) -> bool:
@@ -149,7 +153,7 @@ class _LeavesOutCarriedReLUs:
 _FORMS: dict[type, type] = {}
 
 
-def _leaving_out(model_class: type[nn.Module], units: BlockUnits) -> type[nn.Module]:
+def _leaving_out(model_class: type[nn.Module]) -> type[nn.Module]:
     if model_class not in _FORMS:
         _FORMS[model_class] = type(
             model_class.__name__,
@@ -157,7 +161,7 @@ def _leaving_out(model_class: type[nn.Module], units: BlockUnits) -> type[nn.Mod
             {
                 "__module__": __name__,
                 "__doc__": model_class.__doc__,
-                "_units": units,
+                "_units": _units_of_class(model_class),
                 "_model_class": model_class,
             },
         )
@@ -165,11 +169,8 @@ def _leaving_out(model_class: type[nn.Module], units: BlockUnits) -> type[nn.Mod
 
 
 def _rebuild(model_class: type[nn.Module]) -> nn.Module:
-    cls = _leaving_out(model_class, ACTIVATED_NORMS_BY_CLASS[model_class])
+    cls = _leaving_out(model_class)
     return cls.__new__(cls)
-
-
-ACTIVATED_NORMS_BY_CLASS: dict[type, BlockUnits] = {}
 
 
 def leave_out_carried_relus(block: nn.Module) -> bool:
@@ -180,10 +181,7 @@ def leave_out_carried_relus(block: nn.Module) -> bool:
     """
     if isinstance(block, _LeavesOutCarriedReLUs):
         return True
-    units = _units_of(block)
-    if units is None:
+    if _units_of(block) is None:
         return False
-    model_class = type(block)
-    ACTIVATED_NORMS_BY_CLASS[model_class] = units
-    block.__class__ = _leaving_out(model_class, units)
+    block.__class__ = _leaving_out(type(block))
     return True

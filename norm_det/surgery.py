@@ -561,8 +561,8 @@ class _Converter:
         self.image_conv = image_conv
         self.keep_weights = keep_weights
         self.seen: set[int] = set() if seen is None else seen
-        # Convolutions whose norm is followed by a ReLU in the model's own code, where a
-        # scheme's norm_act cannot replace norm and ReLU together.
+        # Conv+norm pairs where the model's own forward decides whether a ReLU follows, so a
+        # scheme's norm_act cannot replace norm and ReLU together (convert warns).
         self.unplaced_activations: list[str] = []
         # Predictors keep the model's weights whatever keep_weights says: a detector starts them
         # near zero output, a property of the detector, not of the normalization.
@@ -690,8 +690,8 @@ class _Converter:
     def lone(self, module: nn.Module, path: str, activated: bool = False) -> nn.Module:
         """The replacement of a layer that is no conv+norm pair (``module`` itself: kept).
 
-        ``activated``: the parent's forward follows the convolution (and the norm it applies
-        itself) by a ReLU (:func:`norm_det.activation_blocks.activated_children`).
+        ``activated``: the parent's forward follows the layer (a convolution with the norm it
+        applies itself, or a norm) by a ReLU: a scheme's ``norm_act`` goes there.
         """
         if is_conv(module):
             norm = attached_norm(module)
@@ -722,11 +722,13 @@ class _Converter:
                 dilation=module.dilation,
             )
             return module if _same_layer(module, new) else self._placed(new, module, weight, bias)
-        if is_norm(module) and self.scheme.norm is not None:
+        carried = activated and self.scheme.norm_act is not None
+        factory = self.scheme.norm_act if carried else self.scheme.norm
+        if is_norm(module) and factory is not None:
             channels = norm_channels(module)
             if channels is None:
                 return module
-            new = _built_norm(self.scheme.norm, channels, f"norm '{path}'")
+            new = _built_norm(factory, channels, f"norm '{path}'")
             if _same_layer(module, new):
                 return module
             new = _place_like(new, module)
@@ -747,7 +749,8 @@ class _Converter:
         children = list(parent.named_children())
         # The children a framework block's own forward follows by a ReLU, where it is known.
         activated_names = activated_children(parent)
-        known = _runs_in_order(parent) or knows_block(parent)
+        in_order = _runs_in_order(parent)
+        known = in_order or knows_block(parent)
         index = 0
         while index < len(children):
             name, child = children[index]
@@ -763,7 +766,6 @@ class _Converter:
                 continue
             if _is_sibling_pair(child, following) and self.selection(path):
                 self.seen.add(id(following))
-                in_order = _runs_in_order(parent)
                 slot = _activation_slot(children, index + 2) if in_order else None
                 activated = (
                     slot is not None
@@ -774,21 +776,31 @@ class _Converter:
                 _become(child, replacement)
                 _become(following, nn.Identity() if new_norm is None else new_norm)
                 if slot is not None:
-                    carried = new_norm is not None and carries_activation(new_norm)
-                    if carried != isinstance(slot, ActivationInNorm):
-                        _become(slot, ActivationInNorm() if carried else nn.ReLU(inplace=True))
-                    self.seen.add(id(slot))
+                    self._update_slot(slot, new_norm)
                     index += 1
                 elif not known and not activated and self.scheme.norm_act is not None:
                     self.unplaced_activations.append(path)
                 index += 2
                 continue
-            self.visit(child, path, activated=name in activated_names)
+            # A norm with no convolution before it (a pre-activation unit's), then a ReLU.
+            slot = _activation_slot(children, index + 1) if in_order and is_norm(child) else None
+            self.visit(child, path, activated=slot is not None or name in activated_names)
+            if slot is not None and self.selection(path):
+                self._update_slot(slot, child)
+                index += 1
             index += 1
         if activated_names and any(
             carries_activation(getattr(m, "norm", m)) for m in parent.children()
         ):
             leave_out_carried_relus(parent)
+
+    def _update_slot(self, slot: nn.Module, norm: nn.Module | None) -> None:
+        """The ReLU slot after ``norm``: an :class:`ActivationInNorm` where it carries the
+        activation, a ReLU otherwise."""
+        carried = norm is not None and carries_activation(norm)
+        if carried != isinstance(slot, ActivationInNorm):
+            _become(slot, ActivationInNorm() if carried else nn.ReLU(inplace=True))
+        self.seen.add(id(slot))
 
     def visit(self, module: nn.Module, path: str, activated: bool = False) -> None:
         """Convert ``module`` (a layer or a subtree), not paired with a following norm."""
@@ -918,7 +930,7 @@ def convert(
 
 
 def _warn_unplaced_activations(scheme: Scheme, paths: list[str]) -> None:
-    if not paths or scheme.norm_act is None:
+    if not paths:
         return
     shown = ", ".join(repr(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
     warnings.warn(

@@ -42,7 +42,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from norm_det.layers.frn import (
+from norm_det.layers.group_norm import DEFAULT_GROUPS, resolve_groups
+from norm_det.layers.row_blocks import (
     block_scratch,
     blocks,
     channel_rows,
@@ -50,7 +51,6 @@ from norm_det.layers.frn import (
     rows_per_block,
     statistics_dtype,
 )
-from norm_det.layers.group_norm import DEFAULT_GROUPS, resolve_groups
 
 
 def _biased_var(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

@@ -22,69 +22,27 @@ computes it, so there is no ``fuse`` (a fused model keeps the layer).
 
 Training runs one autograd function with the backward written out (as
 :mod:`norm_det.layers.weight_std` does): composed of tensor ops, autograd keeps and replays five
-full-size temporaries. The helpers below, shared with :mod:`norm_det.layers.evonorm`, work
-through blocks of rows: on CPU blocks small enough for their temporaries to stay in cache, where
-each fresh full-size tensor costs more (page faults) than the arithmetic on it; elsewhere the
-whole tensor at once.
+full-size temporaries. It works through blocks of rows (:mod:`norm_det.layers.row_blocks`,
+shared with :mod:`norm_det.layers.evonorm`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-# Elements of one block of rows on CPU (1 MiB of float32 per block-sized array): measured
-# fastest between 2^16 and 2^20 on (2, 256, 200, 200) and (2, 1024, 50, 50) inputs.
-CPU_BLOCK_NUMEL = 1 << 18
+from norm_det.layers.row_blocks import (
+    block_scratch,
+    blocks,
+    channel_rows,
+    forward_mode,
+    rows_per_block,
+    statistics_dtype,
+)
+
 # The paper's starting value of the learned epsilon's free part ``eps_l``.
 LEARNED_EPS_INIT = 1e-4
-
-
-def rows_per_block(rows: torch.Tensor) -> int:
-    """Rows of ``rows: (R, ...)`` processed together: about :data:`CPU_BLOCK_NUMEL` elements
-    (at least one row) on CPU, all of them on other devices (one kernel per step)."""
-    if rows.device.type != "cpu":
-        return max(len(rows), 1)
-    return max(1, CPU_BLOCK_NUMEL // max(rows[0].numel() if len(rows) else 1, 1))
-
-
-def blocks(per_block: int, *tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The successive blocks of ``per_block`` rows (dim 0) of each tensor, side by side."""
-    return zip(*(t.split(per_block) for t in tensors))
-
-
-def block_scratch(rows: torch.Tensor, per_block: int) -> torch.Tensor:
-    """An uninitialised array of one block of ``rows``; slice it to a block's length."""
-    return rows.new_empty((min(per_block, len(rows)), *rows.shape[1:]))
-
-
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of per-row statistics: at least float32, so half inputs sum without overflow."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def channel_rows(per_channel: torch.Tensor, n: int) -> torch.Tensor:
-    """A ``(C,)`` tensor as one value per (sample, channel) row: ``(N * C, 1)``."""
-    return per_channel.expand(n, -1).reshape(-1, 1)
-
-
-def forward_mode(x: torch.Tensor, *params: torch.Tensor | None) -> str:
-    """How a layer built on these helpers runs its forward.
-
-    Returns:
-        ``"reference"`` (plain differentiable ops) for tracers, exporters, ``torch.compile``
-        (which fuses them into fewer kernels than the blocks take) and empty inputs;
-        ``"autograd"`` (the autograd function) when a gradient is wanted; ``"forward"`` (the
-        function's forward alone, nothing kept) otherwise.
-    """
-    exporting = torch.jit.is_tracing() or torch.jit.is_scripting()
-    if exporting or torch.compiler.is_compiling() or x.numel() == 0:
-        return "reference"
-    tracked = x.requires_grad or any(p is not None and p.requires_grad for p in params)
-    return "autograd" if torch.is_grad_enabled() and tracked else "forward"
 
 
 def _frn_forward(

@@ -32,6 +32,7 @@ from norm_det.schemes import (
 __all__ = [
     "ConvNormAct",
     "SchemeSpec",
+    "activation_slot",
     "image_conv_scheme",
     "init_plain_layers",
     "init_predictor",
@@ -48,6 +49,12 @@ def resolve_scheme(spec: SchemeSpec, key: str) -> Scheme:
         return get_scheme(spec or None)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{key}: {error}") from None
+
+
+def activation_slot(norm: nn.Module) -> nn.Module:
+    """What goes after ``norm`` where the network applies a ReLU: an in-place ReLU, or an
+    :class:`~norm_det.layers.protocol.ActivationInNorm` when ``norm`` carries the activation."""
+    return ActivationInNorm() if carries_activation(norm) else nn.ReLU(inplace=True)
 
 
 class ConvNormAct(nn.Sequential):
@@ -93,7 +100,7 @@ class ConvNormAct(nn.Sequential):
         )
         layers: OrderedDict[str, nn.Module] = OrderedDict(conv=conv, norm=norm)
         if activation:
-            layers["relu"] = ActivationInNorm() if carries_activation(norm) else nn.ReLU(True)
+            layers["relu"] = activation_slot(norm)
         super().__init__(layers)
         self.out_channels = out_channels
 

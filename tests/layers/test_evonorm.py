@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-import norm_det.layers.frn as frn
+import norm_det.layers.row_blocks as row_blocks
 from norm_det.layers import GroupNorm
 from norm_det.layers.evonorm import EvoNormB0, EvoNormS0
 from norm_det.layers.protocol import no_weight_decay_parameters
 
 # Rows of 12 (B0) or 24 (S0, two channels a group) elements: one or a few rows a block, or all.
-BLOCK_SIZES = [13, 50, frn.CPU_BLOCK_NUMEL]
+BLOCK_SIZES = [13, 50, row_blocks.CPU_BLOCK_NUMEL]
 
 
 def biased_var(x, dims):
@@ -51,7 +51,7 @@ def randomized(layer):
 
 @pytest.fixture(params=BLOCK_SIZES, ids=lambda b: f"block{b}")
 def block_numel(request, monkeypatch):
-    monkeypatch.setattr(frn, "CPU_BLOCK_NUMEL", request.param)
+    monkeypatch.setattr(row_blocks, "CPU_BLOCK_NUMEL", request.param)
     return request.param
 
 

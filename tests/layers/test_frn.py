@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-import norm_det.layers.frn as frn
+import norm_det.layers.row_blocks as row_blocks
 from norm_det.layers.frn import FilterResponseNorm2d
 from norm_det.layers.protocol import no_weight_decay_parameters
 
 # Rows of 12 elements: 13 puts one row in a block, 40 three (the last block short), the default
 # everything; the layer must compute the same in all.
-BLOCK_SIZES = [13, 40, frn.CPU_BLOCK_NUMEL]
+BLOCK_SIZES = [13, 40, row_blocks.CPU_BLOCK_NUMEL]
 
 
 def paper_frn(x, gamma, beta, tau, eps):
@@ -31,7 +31,7 @@ def random_layer(channels=5, **kwargs):
 
 @pytest.fixture(params=BLOCK_SIZES, ids=lambda b: f"block{b}")
 def block_numel(request, monkeypatch):
-    monkeypatch.setattr(frn, "CPU_BLOCK_NUMEL", request.param)
+    monkeypatch.setattr(row_blocks, "CPU_BLOCK_NUMEL", request.param)
     return request.param
 
 

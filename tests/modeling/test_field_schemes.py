@@ -67,7 +67,9 @@ def test_quick_mask_rcnn_trains_20_iterations(scheme: str) -> None:
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses), losses
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.8 * first, f"{scheme}: loss {first:.3f} -> {last:.3f}"
+    # A falling loss, by a margin float32 rounding on another processor cannot close: the
+    # smallest fall measured is EvoNorm-S0's, 2.63 -> 2.02 (0.77x; docs/field.md).
+    assert last < 0.9 * first, f"{scheme}: loss {first:.3f} -> {last:.3f}"
 
 
 def test_nf_quick_config_clips_adaptively() -> None:
@@ -164,3 +166,20 @@ def test_every_cross_iteration_bn_is_paired_with_its_convolution() -> None:
         if isinstance(getattr(u, "norm", None), CrossIterationBatchNorm2d)
     )
     assert unit.norm.paired_conv is unit.conv
+
+
+@pytest.mark.parametrize("scheme", ["FRN", "NF"])
+def test_convert_of_a_pre_activation_trunk_gives_the_native_one(scheme: str) -> None:
+    """A pre-activation unit's norm has no convolution before it, and a ReLU after it."""
+    from norm_det.modeling.backbone.resnet import ResNet
+
+    options = dict(depth=18, preact=True, res2_channels=8, stem_channels=8)
+    native = ResNet(norm=scheme, **options)
+    converted = convert(ResNet(norm="BN", **options), scheme)
+    assert {n: type(m) for n, m in converted.named_modules()} == {
+        n: type(m) for n, m in native.named_modules()
+    }
+    assert isinstance(converted.res2[0].preact.relu, ActivationInNorm)
+    back = convert(converted, "BN")
+    assert type(back.res2[0].preact.norm) is nn.BatchNorm2d
+    assert type(back.res2[0].preact.relu) is nn.ReLU

@@ -20,15 +20,15 @@ import torch
 from fvcore.common.config import CfgNode
 from torch import nn
 
-from norm_det.layers.protocol import ActivationInNorm
 from norm_det.modeling.conv_norm import (
     ConvNormAct,
     SchemeSpec,
+    activation_slot,
     image_conv_scheme,
     init_plain_layers,
     resolve_scheme,
 )
-from norm_det.schemes import Scheme, build_norm, carries_activation
+from norm_det.schemes import Scheme, build_norm
 
 # depth -> (number of blocks in res2..res5, whether the blocks are bottlenecks)
 RESNET_SPECS: dict[int, tuple[tuple[int, int, int, int], bool]] = {
@@ -125,7 +125,7 @@ def bottleneck_block(
     )
 
 
-class PreActivationBlock(nn.Module):
+class PreActivationBlock(ResidualBlock):
     """A pre-activation residual unit: ``x + alpha * branch(preact(x / beta))``.
 
     He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016 (ResNet-V2): the norm
@@ -138,9 +138,9 @@ class PreActivationBlock(nn.Module):
 
     Args:
         preact: the norm and the activation applied to the unit's input.
-        branch: the residual branch; its last layer is a convolution with nothing after it.
+        branch, residual_input: as :class:`ResidualBlock`; the branch's last layer is a
+            convolution with nothing after it.
         shortcut: projection of the pre-activated input when the shape changes, else ``None``.
-        residual_input: as :class:`ResidualBlock`.
         alpha, beta: the normalizer-free scalars (1: the plain pre-activation unit).
     """
 
@@ -153,13 +153,8 @@ class PreActivationBlock(nn.Module):
         alpha: float = 1.0,
         beta: float = 1.0,
     ) -> None:
-        super().__init__()
-        self.residual_input = residual_input if residual_input is not None else nn.Identity()
+        super().__init__(branch, shortcut, residual_input)
         self.preact = preact
-        for name, layer in branch.items():
-            self.add_module(name, layer)
-        self._branch_names = tuple(branch)
-        self.shortcut = shortcut
         self.alpha, self.beta = alpha, beta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,8 +173,7 @@ class PreActivationBlock(nn.Module):
 def _preactivation(scheme: Scheme, channels: int) -> nn.Sequential:
     """The norm and ReLU in front of a convolution (one layer for a ``norm_act`` scheme)."""
     norm = build_norm(scheme, channels, activation=True)
-    relu = ActivationInNorm() if carries_activation(norm) else nn.ReLU(inplace=True)
-    return nn.Sequential(OrderedDict(norm=norm, relu=relu))
+    return nn.Sequential(OrderedDict(norm=norm, relu=activation_slot(norm)))
 
 
 def _scheme_conv(
