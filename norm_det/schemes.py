@@ -468,13 +468,23 @@ def _gn(groups: int = _DEFAULT_GROUPS, eps: float = 1e-5) -> Scheme:
     aliases=("WS+GN", "GNWS"),
     paper="Qiao et al., Weight Standardization, 2019; " + _GN_PAPER,
 )
-def _gn_ws(groups: int = _DEFAULT_GROUPS, eps: float = 1e-5, ws_eps: float = 1e-5) -> Scheme:
-    return Scheme(conv=partial(WSConv2d, eps=ws_eps), norm=_group_norm(groups, eps))
+def _gn_ws(
+    groups: int = _DEFAULT_GROUPS,
+    eps: float = 1e-5,
+    ws_eps: float = 1e-5,
+    ws_population: bool = False,
+) -> Scheme:
+    # ws_population: Big Transfer's WS, (W - mean) / sqrt(var + ws_eps) with the population
+    # variance (timm's StdConv2d; its BiT weights use ws_eps 1e-8); else Qiao et al.'s std + eps.
+    return Scheme(
+        conv=partial(WSConv2d, eps=ws_eps, population=ws_population),
+        norm=_group_norm(groups, eps),
+    )
 
 
 @register_scheme(
     "PWS",
-    paper="Wang et al., Parametric Weight Standardization (variance transmission), eq. 12",
+    paper="Liu et al., Delving into Variance Transmission and Normalization (AAAI 2021), eq. 12",
 )
 def _pws(gamma: float = 1e-4, init_alpha: bool = True) -> Scheme:
     # init_alpha: the release's data-dependent alpha (variance 2 on the first training batch),
@@ -496,7 +506,7 @@ def _pws(gamma: float = 1e-4, init_alpha: bool = True) -> Scheme:
 
 _ND_PAPER = "Ye et al., Network Deconvolution, ICLR 2020"
 _NDPP_PAPER = (
-    "Ye et al., Enforcing Invariance in Training Deep Neural Networks (ND++), AAAI 2022, Alg. 1"
+    "Ye et al., Exploiting Invariance in Training Deep Neural Networks (ND++), AAAI 2022, Alg. 1"
 )
 
 

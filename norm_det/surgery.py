@@ -544,6 +544,43 @@ def _is_sibling_pair(conv: nn.Module, following: nn.Module | None) -> bool:
     )
 
 
+def _is_empty_norm_unit(
+    children: list[tuple[str, nn.Module]], index: int, scheme: Scheme, in_order: bool
+) -> bool:
+    """``children[index]`` is the ``conv`` of a norm-free scheme's conv+norm unit (norm_det's
+    ``ConvNormAct``: ``conv``, then an empty ``norm`` slot) and ``scheme`` puts a norm there."""
+    if not in_order or scheme.norm is None or index + 1 >= len(children):
+        return False
+    (name, conv), (next_name, following) = children[index], children[index + 1]
+    return (
+        (name, next_name) == ("conv", "norm")
+        and type(following) is nn.Identity
+        and is_conv(conv)
+        and attached_norm(conv) is None
+    )
+
+
+def _take_shift(norm: nn.Module, shift: torch.Tensor) -> None:
+    """Give the new ``norm`` the bias ``shift`` its convolution gave up.
+
+    A norm with running statistics in eval computes ``(y - mean) / sqrt(var + eps)`` (then its
+    affine transform): with ``mean = -shift``, ``var = 1 - eps`` and the identity affine it
+    computes ``y + shift``, exactly what the convolution's bias did. A norm without statistics
+    (GN) cannot reproduce it; its affine shift takes the bias.
+    """
+    with torch.no_grad():
+        mean = getattr(norm, "running_mean", None)
+        if isinstance(mean, torch.Tensor) and mean.numel() == shift.numel():
+            mean.copy_(-shift.reshape(mean.shape))
+            variance = getattr(norm, "running_var", None)
+            if isinstance(variance, torch.Tensor):
+                variance.fill_(1.0 - float(getattr(norm, "eps", 0.0)))
+            return
+        bias = getattr(norm, "bias", None)
+        if isinstance(bias, torch.Tensor) and bias.numel() == shift.numel():
+            bias.copy_(shift.reshape(bias.shape))
+
+
 class _Converter:
     """One walk of :func:`convert`; its predictors are converted by ``self.predictors``."""
 
@@ -591,6 +628,7 @@ class _Converter:
             ``norm`` is the one ``conv`` holds (:func:`attached_norm`), the replacement holds it.
         """
         lone = norm is None
+        empty_slot = type(norm) is nn.Identity  # a norm-free scheme's unit
         attached = not lone and norm is attached_norm(conv)
         scheme = image_conv_scheme(self.scheme) if path == self.image_conv else self.scheme
         factory = nn.Conv2d if lone and not scheme.replaces_lone_convs else scheme.conv
@@ -599,8 +637,13 @@ class _Converter:
         carried = activated and scheme.norm_act is not None
         norm_factory = None if lone else scheme.norm_act if carried else scheme.norm
         weight, bias = effective_weights(conv)
+        shift = None
+        if empty_slot and bias is not None and not scheme.conv_bias:
+            shift, bias = bias, None  # the new norm takes it (_take_shift)
         if lone or scheme.norm is not None:
-            with_bias = bias is not None or (not lone and bool(scheme.conv_bias))
+            # The scheme's own convolutions carry a bias where it says so (ND's, lone or not).
+            own_bias = bool(scheme.conv_bias) and (not lone or factory is not nn.Conv2d)
+            with_bias = bias is not None or own_bias
         else:
             # The norm goes: the convolution takes over its eval transform, shift included.
             with_bias = True
@@ -619,6 +662,8 @@ class _Converter:
             return conv, norm
         if new_norm is not None:
             new_norm = self._placed_norm(new_norm, norm, conv)
+            if shift is not None and self.keep_weights:
+                _take_shift(new_norm, shift)
         if kept_plain:
             self._set_plain_weights(conv, weight, bias, with_bias)
             replacement = conv
@@ -675,6 +720,8 @@ class _Converter:
                 conv.weight.new_zeros(conv.out_channels),
                 requires_grad=conv.weight.requires_grad,
             )
+        elif not with_bias and conv.bias is not None:
+            conv.register_parameter("bias", None)  # its bias went to the new norm
         if self.keep_weights:
             load_plain_weights(conv, weight, bias)
 
@@ -724,6 +771,10 @@ class _Converter:
             return module if _same_layer(module, new) else self._placed(new, module, weight, bias)
         carried = activated and self.scheme.norm_act is not None
         factory = self.scheme.norm_act if carried else self.scheme.norm
+        if activated and is_norm(module) and factory is None:
+            # A pre-activation unit's norm (no convolution before it, a ReLU after it): a
+            # norm-free scheme's own networks have none there, and nothing can hold it.
+            return nn.Identity()
         if is_norm(module) and factory is not None:
             channels = norm_channels(module)
             if channels is None:
@@ -764,7 +815,10 @@ class _Converter:
                 self.predictors.visit(child, path)
                 index += 1
                 continue
-            if _is_sibling_pair(child, following) and self.selection(path):
+            pair = _is_sibling_pair(child, following) or _is_empty_norm_unit(
+                children, index, self.scheme, in_order
+            )
+            if pair and self.selection(path):
                 self.seen.add(id(following))
                 slot = _activation_slot(children, index + 2) if in_order else None
                 activated = (
@@ -800,6 +854,10 @@ class _Converter:
         carried = norm is not None and carries_activation(norm)
         if carried != isinstance(slot, ActivationInNorm):
             _become(slot, ActivationInNorm() if carried else nn.ReLU(inplace=True))
+        if type(norm) is nn.Identity and isinstance(slot, nn.ReLU):
+            # A pre-activation norm that went: the ReLU now sees the unit's input itself, which
+            # the identity path still needs.
+            slot.inplace = False
         self.seen.add(id(slot))
 
     def visit(self, module: nn.Module, path: str, activated: bool = False) -> None:

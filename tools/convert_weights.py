@@ -4,9 +4,13 @@ deployment.
     python tools/convert_weights.py SRC DST --to detectron2|mmdet|torchvision|norm_det
         [--scheme PWS] [--calibration-images images.pt] [--fuse] [--allow-pickle]
 
-SRC's format (torchvision, norm_det, detectron2 .pkl / .pth, mmdet / mmseg .pth) is recognised
-from its keys. Examples::
+SRC's format (torchvision, norm_det, detectron2 .pkl / .pth, mmdet / mmseg .pth, and the source
+formats of the papers' releases and the zoos: docs/weights.md) is recognised from its keys;
+``--from FORMAT`` names it where the keys cannot tell. Examples::
 
+    # the ND++ release's ImageNet ResNet-50, or BiT's GN+WS ResNet-V2 from timm, for norm_det
+    python tools/convert_weights.py model_best.pth.tar r50_ndpp.pth --to norm_det
+    python tools/convert_weights.py resnetv2_50x1_bit.pth bit.pth --to norm_det
     # a torchvision ImageNet ResNet-50 for detectron2 / mmdet
     python tools/convert_weights.py resnet50.pth R-50.pkl --to detectron2
     python tools/convert_weights.py resnet50.pth r50.pth --to mmdet
@@ -49,6 +53,7 @@ from norm_det.checkpoint import (
 )
 from norm_det.checkpoint.backbones import infer_scheme
 from norm_det.checkpoint.deploy import fused_copy
+from norm_det.checkpoint.formats import known_formats
 from norm_det.checkpoint.warm_start import backbone_weights, warm_start
 
 
@@ -60,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", help="checkpoint to read (format recognised from its keys)")
     parser.add_argument("dst", help="checkpoint to write (.pkl: a detectron2 pickle)")
     parser.add_argument("--to", required=True, choices=FRAMEWORKS, help="format of DST")
+    parser.add_argument(
+        "--from",
+        dest="source_format",
+        metavar="FORMAT",
+        help="format of SRC (default: recognised from its keys): " + ", ".join(known_formats()),
+    )
     parser.add_argument(
         "--scheme", help="warm-start the backbone in this scheme (PWS, 'GN+WS', NDPP, CZM ...)"
     )
@@ -141,7 +152,7 @@ def _warm_start(
 
 
 def convert_backbone(args: argparse.Namespace) -> None:
-    weights = read_checkpoint(args.src, allow_pickle=args.allow_pickle)
+    weights = read_checkpoint(args.src, allow_pickle=args.allow_pickle, fmt=args.source_format)
     print(
         f"read {len(weights.tensors)} {weights.arch.upper()} backbone tensors from {args.src} "
         f"({weights.naming}"
@@ -191,7 +202,7 @@ def convert_model(args: argparse.Namespace) -> None:
     cfg.merge_from_list(args.opts or [])
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg).eval()
-    weights = read_checkpoint(args.src, allow_pickle=args.allow_pickle)
+    weights = read_checkpoint(args.src, allow_pickle=args.allow_pickle, fmt=args.source_format)
     if weights.framework == "norm_det" and weights.others:
         Checkpointer(model, Path(args.dst).parent).load(args.src, full=False)
         print(f"loaded the whole model from {args.src}")

@@ -8,6 +8,7 @@ shape (depth, widths) is read from the tensors, or from a backbone already built
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +25,12 @@ CLASSIFIER_UNITS = ("fc", "classifier.0", "classifier.3", "classifier.6")
 
 
 def unit_of(module: str) -> str:
-    """The conv+norm unit of a module path (``res2.0.conv1.conv`` -> ``res2.0.conv1``)."""
+    """The conv+norm unit of a module path (``res2.0.conv1.conv`` -> ``res2.0.conv1``).
+
+    A pre-activation ResNet's lone convolutions are units of their own (``stem.conv1``,
+    ``res2.0.conv3``, ``res2.0.shortcut``), and so are its norms without a convolution
+    (``res2.0.preact.norm`` -> ``res2.0.preact``, ``final.norm`` -> ``final``).
+    """
     head, _, last = module.rpartition(".")
     return head if last in ("conv", "norm") and head else module
 
@@ -42,11 +48,46 @@ def _out_channels(tensors: Mapping[str, torch.Tensor], module: str) -> int:
     raise ValueError(f"the checkpoint has no weight for {module!r}")
 
 
+def _conv_module(modules: Mapping[str, set[str]], unit: str) -> str | None:
+    """The module holding ``unit``'s convolution: ``unit.conv`` (a conv+norm pair), ``unit``
+    itself (a pre-activation ResNet's lone convolution), or None."""
+    return next((m for m in (f"{unit}.conv", unit) if m in modules), None)
+
+
+def _is_preact(modules: Mapping[str, set[str]], last_conv: str) -> bool:
+    """Whether norm_det-named ResNet modules are a pre-activation ResNet-V2's: a unit's last
+    convolution (``last_conv``) and its stem (unless it has a ``stem_norm``) are lone
+    convolutions, and its norms (none in NF, PWS) stand before the units and after the last."""
+    return (
+        "stem.conv1" in modules
+        or last_conv in modules
+        or any(m == "final.norm" or m.endswith(".preact.norm") for m in modules)
+    )
+
+
+# A pre-activation stem norm of affine parameters only is taken for the one published with one
+# (the PWS release's one-group GroupNorm): no tensor holds a GroupNorm's group count, so a
+# format whose stem norm has other groups says so in its BackboneWeights.arguments.
+AFFINE_STEM_NORM = "GN(groups=1)"
+
+
+def _stem_norm(modules: Mapping[str, set[str]], preact: bool) -> str | None:
+    """The ``stem_norm`` of a pre-activation ResNet's modules: its stem is a conv+norm unit
+    (``stem.conv1.conv``); a norm with running statistics is a BN's, one with affine
+    parameters only :data:`AFFINE_STEM_NORM`."""
+    if not preact or "stem.conv1.conv" not in modules:
+        return None
+    return "BN" if "running_var" in modules.get("stem.conv1.norm", set()) else AFFINE_STEM_NORM
+
+
 def resnet_arguments(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """:class:`ResNet` keyword arguments that fit norm_det-named ResNet ``tensors``.
 
-    Depth and widths come from the tensors. Strides and dilations leave no trace in weights:
-    the torchvision layout (stride in the 3x3, no dilation) is assumed.
+    Depth, widths, ``preact`` (a ResNet-V2: lone last convolutions in the units, pre-activation
+    norms) and ``stem_norm`` (a ResNet-V2 whose stem is a conv+norm unit; see
+    :func:`_stem_norm`) come from the tensors. Strides, dilations and poolings leave no trace
+    in weights: the torchvision layout (stride in the 3x3, no dilation, the max-pool stem,
+    strided 1x1 projections) is assumed.
 
     Raises:
         ValueError: the blocks per stage are no depth norm_det builds (18, 34, 50, 101).
@@ -61,7 +102,7 @@ def resnet_arguments(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if not stages or stages != list(STAGE_NAMES[1 : len(stages) + 1]):
         raise ValueError(f"the checkpoint's ResNet stages are {stages}; expected res2 .. res5")
     counts = tuple(len(blocks[name]) for name in stages)
-    bottleneck = "res2.0.conv3.conv" in modules
+    bottleneck = _conv_module(modules, "res2.0.conv3") is not None
     depth = next(
         (
             d
@@ -75,13 +116,16 @@ def resnet_arguments(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
             f"the checkpoint's ResNet has {counts} {'bottleneck' if bottleneck else 'basic'} "
             f"blocks per stage; norm_det builds ResNet-{', '.join(map(str, RESNET_SPECS))}"
         )
-    last_conv = "conv3" if bottleneck else "conv2"
+    last_conv = "res2.0.conv3" if bottleneck else "res2.0.conv2"
+    preact = _is_preact(modules, last_conv)
     return dict(
         depth=depth,
-        stem_channels=_out_channels(tensors, "stem.conv1.conv"),
-        res2_channels=_out_channels(tensors, f"res2.0.{last_conv}.conv"),
+        stem_channels=_out_channels(tensors, _conv_module(modules, "stem.conv1") or "stem.conv1"),
+        res2_channels=_out_channels(tensors, _conv_module(modules, last_conv) or last_conv),
         bottleneck_channels=_out_channels(tensors, "res2.0.conv1.conv") if bottleneck else 64,
         out_features=tuple(stages),
+        preact=preact,
+        stem_norm=_stem_norm(modules, preact),
     )
 
 
@@ -89,14 +133,16 @@ def resnet_arguments_of(resnet: ResNet) -> dict[str, Any]:
     """The :class:`ResNet` keyword arguments (but ``norm`` and ``freeze_at``) of ``resnet``."""
     arguments = resnet_arguments(resnet.state_dict())
     arguments["out_features"] = tuple(resnet.out_features)
-    dilated = []
-    for stage in ("res3", "res4", "res5"):
-        if hasattr(resnet, stage):
-            first = getattr(resnet, stage)[0]
-            dilated.append(first.shortcut is not None and first.shortcut.conv.stride == (1, 1))
-        else:
-            dilated.append(False)
-    arguments["replace_stride_with_dilation"] = tuple(dilated)
+    # The poolings leave no trace in the tensors, nor a GroupNorm's groups.
+    arguments.update(
+        stem_pool=resnet.stem_pool, avg_down=resnet.avg_down, stem_norm=resnet.stem_norm
+    )
+    # A dilated stage keeps the previous stage's stride.
+    strides = resnet.out_feature_strides
+    arguments["replace_stride_with_dilation"] = tuple(
+        stage in strides and strides[stage] == strides[previous]
+        for previous, stage in itertools.pairwise(STAGE_NAMES[1:])
+    )
     first = getattr(resnet, "res3", None)
     arguments["stride_in_1x1"] = bool(
         first is not None and hasattr(first[0], "conv3") and first[0].conv1.conv.stride == (2, 2)
@@ -244,8 +290,12 @@ def load_backbone_tensors(
             parts.append(f"{len(missing)} missing (first: {', '.join(missing[:_SHOWN_KEYS])})")
         raise ValueError(
             f"{source} does not fit a {type(backbone).__name__} of these layers: "
-            f"{' and '.join(parts)} tensors; were the weights saved with another scheme? "
-            "(say which with source_scheme / --source-scheme)"
+            f"{' and '.join(parts)} tensors; "
+            + (
+                _stem_norm_hint(backbone, tensors)
+                or "were the weights saved with another scheme? "
+                "(say which with source_scheme / --source-scheme)"
+            )
         )
     for key, value in tensors.items():
         if value.shape != expected[key].shape:
@@ -255,6 +305,27 @@ def load_backbone_tensors(
             )
     backbone.load_state_dict(tensors, strict=False)
     return left_out
+
+
+def _stem_norm_hint(backbone: nn.Module, tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """What to say when a pre-activation stem with a norm meets one without: the scheme is
+    not at fault but ``stem_norm``. None when the stems agree."""
+    if not isinstance(backbone, ResNet) or not backbone.preact:
+        return None
+    has_norm = "stem.conv1.conv" in group_by_module(list(tensors))
+    if has_norm == (backbone.stem_norm is not None):
+        return None
+    if has_norm:
+        return (
+            "the checkpoint's pre-activation stem has a norm after its convolution "
+            "(stem.conv1.norm) and the backbone's none: build it with stem_norm "
+            "(MODEL.RESNETS.STEM_NORM, e.g. 'GN(groups=1)')"
+        )
+    return (
+        f"the backbone's pre-activation stem has a norm (stem_norm={backbone.stem_norm!r}) "
+        "and the checkpoint's is a lone convolution (stem.conv1): build it without "
+        "(MODEL.RESNETS.STEM_NORM: '')"
+    )
 
 
 def classifier_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

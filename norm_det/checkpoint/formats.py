@@ -13,6 +13,10 @@ format             file
                    (mmseg shares mmdet's names)
 =================  =========================================================================
 
+The pretrained files of the papers' releases and of the model zoos (Caffe2-named detectron2
+files, timm, BiT ...) are *source formats* (:mod:`norm_det.checkpoint.sources`), read only:
+each is recognised from its keys before the namings below are tried, or named with ``fmt``.
+
 Reading tries every naming of :mod:`norm_det.checkpoint.keymaps` under each of its prefixes and
 keeps the one that names the most keys; the file's container (``state_dict``, ``__author__``)
 breaks ties between identical namings (a bare mmdet ResNet *is* torchvision's). Keys outside the
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,38 +43,11 @@ from norm_det.checkpoint.keymaps import (
     split_key,
     writable_naming,
 )
+from norm_det.checkpoint.weights import BackboneWeights
 
 _AUTHOR = "norm_det"
+_ARGUMENTS = "backbone_arguments"  # the meta entry of BackboneWeights.arguments
 _SHOWN_KEYS = 5
-
-
-@dataclass
-class BackboneWeights:
-    """A backbone's tensors under norm_det's names, and what else its file held.
-
-    Attributes:
-        arch: ``"resnet"`` or ``"vgg"``.
-        tensors: norm_det module path + tensor name (``res2.0.conv1.conv.weight``) -> tensor,
-            relative to the backbone (norm_det's ``ResNet`` / ``VGG16SSD``).
-        framework: the framework of the file it was read from.
-        prefix: where the backbone sat in that file (``"backbone.body."`` in a detector).
-        others: the file's non-backbone tensors (FPN, heads), under their own names.
-        meta: what norm_det knows of the weights (``"scheme"``: the scheme they were trained or
-            converted with, when known).
-        naming: the naming the file used.
-    """
-
-    arch: str
-    tensors: dict[str, torch.Tensor]
-    framework: str = "norm_det"
-    prefix: str = ""
-    others: dict[str, torch.Tensor] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    naming: str = ""
-
-    @property
-    def scheme(self) -> str | None:
-        return self.meta.get("scheme")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +77,11 @@ def _container(obj: Any, source: str) -> tuple[Mapping[str, Any], str | None, di
     state = obj.get("state_dict")
     if isinstance(state, Mapping):
         return state, "mmdet", dict(meta.get("norm_det") or {})
+    # Detectron's (Caffe2) pickles: {"blobs": {name: array}, "cfg": ...}; their optimizer
+    # momenta stay in, for the source format that reads them to drop (it lists what it drops).
+    blobs = obj.get("blobs")
+    if isinstance(blobs, Mapping):
+        return blobs, None, {}
     if obj and all(_is_array(v) for v in obj.values()):
         return obj, None, {}
     shown = ", ".join(repr(k) for k in list(obj)[:_SHOWN_KEYS])
@@ -145,10 +127,23 @@ def _match(keys: list[str], naming: Naming, prefix: str) -> _Match:
     return _Match(naming, prefix, backbone, others, unknown)
 
 
+def known_formats() -> list[str]:
+    """The names ``fmt`` (``--from``, ``MODEL.WEIGHTS_FORMAT``) accepts: the frameworks, then
+    the source formats."""
+    from norm_det.checkpoint.sources import source_formats
+
+    return [*FRAMEWORKS, *source_formats()]
+
+
 def detect(
-    state: Mapping[str, Any], hint: str | None = None, source: str = "the checkpoint"
+    state: Mapping[str, Any],
+    hint: str | None = None,
+    source: str = "the checkpoint",
+    *,
+    framework: str | None = None,
 ) -> _Match:
-    """The naming and prefix that name the most keys of ``state`` (``hint`` breaks ties).
+    """The naming and prefix that name the most keys of ``state`` (``hint`` breaks ties);
+    only ``framework``'s namings when given.
 
     Raises:
         ValueError: no known naming matches (listing the first keys), or keys remain that are
@@ -158,7 +153,7 @@ def detect(
     order = {framework: index for index, framework in enumerate(FRAMEWORKS)}
     best: _Match | None = None
     best_rank: tuple[int, int, int, int] | None = None
-    for naming in namings():
+    for naming in namings(framework):
         for prefix in naming.prefixes:
             match = _match(keys, naming, prefix)
             rank = (
@@ -171,9 +166,14 @@ def detect(
                 best, best_rank = match, rank
     if best is None or not best.backbone:
         shown = ", ".join(keys[:_SHOWN_KEYS])
+        if framework is not None:
+            raise ValueError(
+                f"{source}: not a {framework} checkpoint (no {framework} ResNet / VGG-16 naming "
+                f"names its keys); first unmatched keys: {shown}"
+            )
         raise ValueError(
-            f"{source}: no known checkpoint format (torchvision, norm_det, detectron2 or mmdet "
-            f"ResNet / VGG-16) names its keys; first unmatched keys: {shown}"
+            f"{source}: no known checkpoint format names its keys (known: "
+            f"{', '.join(known_formats())}); first unmatched keys: {shown}"
         )
     if best.unknown:
         shown = ", ".join(best.unknown[:_SHOWN_KEYS])
@@ -195,28 +195,59 @@ def read_state_dict(
     hint: str | None = None,
     meta: Mapping[str, Any] | None = None,
     source: str = "the state dict",
+    fmt: str | None = None,
 ) -> BackboneWeights:
-    """The backbone weights in a state dict of any known framework (see :func:`detect`)."""
+    """The backbone weights in a state dict of any known format.
+
+    Args:
+        fmt: the format (one of :func:`known_formats`); None recognises it from the keys: the
+            first source format that claims them, else the framework naming that names the
+            most (see :func:`detect`).
+
+    Raises:
+        ValueError: an unknown ``fmt``; keys no format names (listing the known formats and the
+            first keys), or keys a recognised format cannot place (naming the first).
+    """
+    from norm_det.checkpoint.sources import claimant, source_formats
+
     tensors = {key: to_tensor(value, key, source) for key, value in state.items()}
-    match = detect(tensors, hint, source)
+    if fmt is not None and fmt not in FRAMEWORKS:
+        if fmt not in source_formats():
+            raise ValueError(
+                f"{source}: unknown checkpoint format {fmt!r}; known: {', '.join(known_formats())}"
+            )
+        reader = source_formats()[fmt]
+    else:
+        reader = claimant(tensors) if fmt is None else None
+    if reader is not None:
+        weights = reader.read(tensors, source)
+        weights.meta = {**dict(meta or {}), **weights.meta}
+        return weights
+    match = detect(tensors, hint, source, framework=fmt)
+    meta = dict(meta or {})
+    arguments = meta.pop(_ARGUMENTS, None)
     return BackboneWeights(
         arch=match.naming.arch,
         tensors={name: tensors[key] for key, name in match.backbone.items()},
         framework=match.naming.framework,
         prefix=match.prefix,
         others={key: tensors[key] for key in match.others},
-        meta=dict(meta or {}),
+        meta=meta,
         naming=match.naming.name,
+        arguments=dict(arguments) if isinstance(arguments, Mapping) else {},
     )
 
 
-def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> BackboneWeights:
-    """Read the backbone weights of a checkpoint file of any known framework.
+def read_checkpoint(
+    path: str | os.PathLike, *, allow_pickle: bool = False, fmt: str | None = None
+) -> BackboneWeights:
+    """Read the backbone weights of a checkpoint file of any known format.
 
     Args:
         path: the file; ``.pkl`` needs ``allow_pickle`` (see :func:`norm_det.checkpoint.io.
             load_file`).
         allow_pickle: the caller trusts the file (read pickles; see ``load_file``).
+        fmt: the file's format (see :func:`read_state_dict`); None: recognised from its keys.
 
     Raises:
         FileNotFoundError, ValueError: a missing, unsafe or unrecognised file (the message says
@@ -224,7 +255,7 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> B
     """
     source = f"'{path}'"
     state, hint, meta = _unwrap(load_file(path, allow_pickle=allow_pickle), source)
-    return read_state_dict(state, hint=hint, meta=meta, source=source)
+    return read_state_dict(state, hint=hint, meta=meta, source=source, fmt=fmt)
 
 
 def to_framework(
@@ -261,8 +292,14 @@ def to_framework(
 
 
 def _meta(weights: BackboneWeights, framework: str) -> dict[str, Any]:
-    meta = {k: v for k, v in weights.meta.items() if isinstance(v, (str, int, float, bool))}
+    meta: dict[str, Any] = {
+        k: v for k, v in weights.meta.items() if isinstance(v, (str, int, float, bool))
+    }
     meta.update(format=framework, arch=weights.arch, converted_from=weights.framework)
+    if weights.arguments:  # what the tensors do not tell (a BiT stem's pooling), read back
+        meta[_ARGUMENTS] = {
+            k: v for k, v in weights.arguments.items() if isinstance(v, (str, int, float, bool))
+        }
     return meta
 
 

@@ -7,9 +7,10 @@ one map serves every scheme (``alpha`` of a PWS conv, ``running_deconv`` of an N
 
 Each framework's names are a :class:`Naming`: a tuple of module-path templates, row by row
 parallel to norm_det's own (:data:`NORM_DET_ROWS`). Templates take ``{stage}`` (2..5),
-``{layer}`` (= stage - 1, torchvision's ``layer1`` .. ``layer4``), ``{block}``, ``{conv}`` (1..3)
-and ``{abbr}`` (the norm's short name in mmdet: ``bn``, ``gn``, ``iternorm``); ``None`` says the
-framework has no such module. The ImageNet classifier (ResNet ``fc``, VGG ``classifier``) keeps
+``{layer}`` (= stage - 1, torchvision's ``layer1`` .. ``layer4``), ``{block}``, ``{conv}`` (1..3),
+``{last}`` (2 or 3: the lone last convolution of a pre-activation unit) and ``{abbr}`` (the
+norm's short name in mmdet: ``bn``, ``gn``, ``iternorm``); ``None`` says the framework has no
+such module. The ImageNet classifier (ResNet ``fc``, VGG ``classifier``) keeps
 its name in every framework, so that a conversion never loses it.
 
 ResNet, module by module (norm_det / torchvision / detectron2 / mmdet)::
@@ -21,6 +22,14 @@ ResNet, module by module (norm_det / torchvision / detectron2 / mmdet)::
     res2.0.shortcut.conv     layer1.0.downsample.0      res2.0.shortcut       layer1.0.downsample.0
     res2.0.shortcut.norm     layer1.0.downsample.1      res2.0.shortcut.norm  layer1.0.downsample.1
     fc                       fc                         stem.fc               fc
+
+The pre-activation ResNet-V2 (``ResNet(preact=True)``) has modules that only norm_det names
+(the other frameworks' ResNets are post-activation; timm's and BiT's V2 layouts are source
+formats, :mod:`norm_det.checkpoint.sources`): the lone convolutions ``stem.conv1``,
+``res2.0.conv3`` (``conv2`` in a basic unit) and ``res2.0.shortcut``, and the norms
+``res2.0.preact.norm`` and ``final.norm``. The lone last convolution is ``{last}``, never
+``conv1``, so that detectron2's names (``res2.0.conv1``: a conv whose norm is
+``res2.0.conv1.norm``) never read as a complete norm_det V2 backbone.
 
 VGG-16 (SSD300): norm_det's ``features.conv{s}_{i}`` and ``fc.conv5_{i}`` are torchvision's
 ``features.{index}`` (``vgg16`` indices, or ``vgg16_bn``'s with the BN at ``index + 1``); mmdet's
@@ -44,6 +53,7 @@ _PLACEHOLDERS = {
     "layer": r"(?P<layer>[1-4])",
     "block": r"(?P<block>\d+)",
     "conv": r"(?P<conv>[1-3])",
+    "last": r"(?P<last>[23])",
     "abbr": r"(?P<abbr>bn|gn|iternorm)",
 }
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -136,7 +146,15 @@ class Naming:
 # ---------------------------------------------------------------------------------------------
 # ResNet.
 
-_RESNET_UNITS = ("conv", "norm")
+# The pre-activation ResNet-V2's own modules (see the module docstring).
+_NORM_DET_RESNET_V2 = (
+    "stem.conv1",
+    "res{stage}.{block}.conv{last}",
+    "res{stage}.{block}.shortcut",
+    "res{stage}.{block}.preact.norm",
+    "final.norm",
+)
+_NO_RESNET_V2 = (None,) * len(_NORM_DET_RESNET_V2)
 NORM_DET_RESNET = (
     "stem.conv1.conv",
     "stem.conv1.norm",
@@ -145,6 +163,7 @@ NORM_DET_RESNET = (
     "res{stage}.{block}.shortcut.conv",
     "res{stage}.{block}.shortcut.norm",
     "fc",
+    *_NORM_DET_RESNET_V2,
 )
 _TORCHVISION_RESNET = (
     "conv1",
@@ -154,6 +173,7 @@ _TORCHVISION_RESNET = (
     "layer{layer}.{block}.downsample.0",
     "layer{layer}.{block}.downsample.1",
     "fc",
+    *_NO_RESNET_V2,
 )
 _DETECTRON2_RESNET = (
     "stem.conv1",
@@ -164,6 +184,7 @@ _DETECTRON2_RESNET = (
     "res{stage}.{block}.shortcut.norm",
     # detectron2's convert-torchvision-to-d2 moves the classifier under the stem.
     "stem.fc",
+    *_NO_RESNET_V2,
 )
 _MMDET_RESNET = (
     "conv1",
@@ -173,6 +194,7 @@ _MMDET_RESNET = (
     "layer{layer}.{block}.downsample.0",
     "layer{layer}.{block}.downsample.1",
     "fc",
+    *_NO_RESNET_V2,
 )
 
 # ---------------------------------------------------------------------------------------------

@@ -47,6 +47,14 @@ from norm_det.checkpoint.formats import BackboneWeights, read_checkpoint
 from norm_det.schemes import get_scheme
 from norm_det.surgery import convert, effective_weights, fold_affine_into, folded_affine
 
+# The config keys of the ResNet arguments a checkpoint's format may require.
+_CONFIG_KEYS = {
+    "preact": "MODEL.RESNETS.PREACT",
+    "stem_pool": "MODEL.RESNETS.STEM_POOL",
+    "stem_norm": "MODEL.RESNETS.STEM_NORM",
+    "avg_down": "MODEL.RESNETS.AVG_DOWN",
+    "stride_in_1x1": "MODEL.RESNETS.STRIDE_IN_1X1",
+}
 # A unit whose converted output is within this relative error needs no calibration.
 _EXACT = 1e-6
 
@@ -77,10 +85,18 @@ def warm_start(
     """
     reference.eval()
     model = convert(copy.deepcopy(reference), get_scheme(scheme)).eval()
+    _keep_stem_norm(model, reference)
     _carry_statistics_into_whitening(model, reference)
     if calibration_images is not None:
         calibrate(model, reference, calibration_images)
     return model
+
+
+def _keep_stem_norm(model: nn.Module, reference: nn.Module) -> None:
+    """A pre-activation ResNet's ``stem_norm`` is its own, not the scheme's (the PWS release's
+    one-group GN): it stays as the reference has it, whatever ``convert`` made of the pair."""
+    if getattr(reference, "stem_norm", None) is not None and getattr(model, "stem", None):
+        model.stem.conv1.norm = copy.deepcopy(reference.stem.conv1.norm)
 
 
 @torch.no_grad()
@@ -355,9 +371,8 @@ def pretrained_reference(
         arguments: the backbone's constructor arguments (default: read from the tensors).
     """
     scheme = source_scheme or weights.scheme or infer_scheme(weights.tensors)
-    reference = build_backbone(
-        weights.arch, scheme, **(arguments or arguments_for(weights.arch, weights.tensors))
-    )
+    arguments = {**(arguments or arguments_for(weights.arch, weights.tensors)), **weights.arguments}
+    reference = build_backbone(weights.arch, scheme, **arguments)
     load_backbone_tensors(reference, weights.tensors, f"the {weights.framework} checkpoint")
     return reference
 
@@ -371,7 +386,16 @@ def backbone_weights(backbone: nn.Module, like: BackboneWeights, scheme: Any) ->
     tensors = covered_state(backbone, units_of(like.tensors))
     tensors.update(classifier_tensors(like.tensors))
     meta = dict(like.meta, scheme=str(get_scheme(scheme)))
-    return BackboneWeights(like.arch, tensors, like.framework, like.prefix, dict(like.others), meta)
+    return BackboneWeights(
+        like.arch,
+        tensors,
+        like.framework,
+        like.prefix,
+        dict(like.others),
+        meta,
+        like.naming,
+        dict(like.arguments),
+    )
 
 
 def convert_weights(
@@ -387,6 +411,28 @@ def convert_weights(
     return backbone_weights(converted, weights, scheme)
 
 
+def _check_layout(weights: BackboneWeights, shape: Mapping[str, Any], path: str) -> None:
+    """A ResNet file of another depth would load into the stages' first blocks and leave the
+    rest at their initialization; a pre-activation file's units have other modules: refuse
+    both, naming the checkpoint's and the backbone's."""
+    if weights.arch != "resnet" or "depth" not in shape:
+        return
+    found = arguments_for(weights.arch, weights.tensors)
+    where = f"the model's backbone ({path or 'the model'})"
+    if found["depth"] != shape["depth"]:
+        raise ValueError(
+            f"the {weights.framework} checkpoint holds a ResNet-{found['depth']} but {where} is "
+            f"a ResNet-{shape['depth']} (MODEL.RESNETS.DEPTH)"
+        )
+    preact = found.get("preact", False)  # (a format's own arguments are compared after this)
+    if "preact" not in weights.arguments and "preact" in shape and preact != shape["preact"]:
+        kinds = {True: "a pre-activation ResNet-V2", False: "a post-activation ResNet"}
+        raise ValueError(
+            f"the {weights.framework} checkpoint holds {kinds[bool(preact)]} but {where} is "
+            f"{kinds[bool(shape['preact'])]} (MODEL.RESNETS.PREACT: {bool(preact)})"
+        )
+
+
 def load_pretrained_backbone(
     model: nn.Module,
     weights: BackboneWeights | str | os.PathLike,
@@ -395,8 +441,9 @@ def load_pretrained_backbone(
     source_scheme: Any | None = None,
     calibration_images: torch.Tensor | None = None,
     allow_pickle: bool = False,
+    fmt: str | None = None,
 ) -> dict[str, Any]:
-    """Start ``model``'s backbone (any scheme) from pretrained weights of any framework.
+    """Start ``model``'s backbone (any scheme) from pretrained weights of any known format.
 
     The weights are loaded into a backbone of ``model``'s backbone's shape with the scheme they
     were saved with, warm-started in ``scheme`` (see :func:`warm_start`) and copied into the
@@ -409,6 +456,8 @@ def load_pretrained_backbone(
         source_scheme, calibration_images: see :func:`pretrained_reference` and
             :func:`warm_start`.
         allow_pickle: read a ``.pkl`` file (see :func:`norm_det.checkpoint.io.load_file`).
+        fmt: the file's format (see :func:`~norm_det.checkpoint.formats.read_state_dict`);
+            None recognises it from its keys.
 
     Returns:
         ``{"backbone": path, "loaded": number of tensors, "left_out": classifier keys}``.
@@ -418,14 +467,28 @@ def load_pretrained_backbone(
             (naming the tensor and both shapes), or do not fit ``scheme``'s layers.
     """
     if not isinstance(weights, BackboneWeights):
-        weights = read_checkpoint(weights, allow_pickle=allow_pickle)
+        weights = read_checkpoint(weights, allow_pickle=allow_pickle, fmt=fmt)
     path, backbone, arch = find_backbone(model)
     if arch != weights.arch:
         raise ValueError(
             f"the checkpoint holds a {weights.arch.upper()} backbone but the model's backbone "
             f"({path or 'the model'}) is a {arch.upper()}"
         )
-    reference = pretrained_reference(weights, source_scheme, **arguments_of(backbone))
+    shape = arguments_of(backbone)
+    _check_layout(weights, shape, path)
+    differing = {
+        key: f"{key}={value!r} (the model's backbone has {shape[key]!r})"
+        for key, value in weights.arguments.items()
+        if key in shape and shape[key] != value
+    }
+    if differing:
+        keys = ", ".join(_CONFIG_KEYS.get(key, key) for key in differing)
+        raise ValueError(
+            f"the {weights.framework} checkpoint's {weights.arch.upper()} has "
+            f"{', '.join(differing.values())}: build the model's backbone "
+            f"({path or 'the model'}) to match ({keys})"
+        )
+    reference = pretrained_reference(weights, source_scheme, **shape)
     converted = warm_start(reference, scheme, calibration_images=calibration_images)
     tensors = covered_state(converted, units_of(weights.tensors))
     expected = backbone.state_dict()

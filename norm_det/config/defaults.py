@@ -15,6 +15,12 @@ _C.VERSION = 2
 _C.MODEL = CN()
 _C.MODEL.DEVICE = "cpu"
 _C.MODEL.WEIGHTS = ""
+# The format of MODEL.WEIGHTS when it holds a pretrained backbone, not a whole model: "" tells it
+# from the file's keys; else one of norm_det.checkpoint.formats.known_formats() (docs/weights.md).
+_C.MODEL.WEIGHTS_FORMAT = ""
+# Read MODEL.WEIGHTS when it is a pickle (detectron2's and Caffe2's .pkl zoo files) or a torch
+# file holding other Python objects (mmdet's meta): only arrays and containers are built.
+_C.MODEL.WEIGHTS_ALLOW_PICKLE = False
 # "MaskRCNN", "FasterRCNN", "GeneralizedRCNN" (detectron2: Mask R-CNN iff MASK_ON), "SSD",
 # "DeepLabV3".
 _C.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
@@ -47,6 +53,14 @@ _C.MODEL.RESNETS.REPLACE_STRIDE_WITH_DILATION = [False, False, False]
 # The pre-activation ResNet-V2 (BiT's and NF-ResNets' trunk): norm and ReLU before each conv,
 # a final norm and ReLU after the last stage.
 _C.MODEL.RESNETS.PREACT = False
+# The stem's 3x3 stride-2 max pool: "max" pads with -inf (torchvision, detectron2); "zero_pad" pads
+# the map with zeros first, as Big Transfer (timm's resnetv2_*_bit) was trained.
+_C.MODEL.RESNETS.STEM_POOL = "max"
+# Projection shortcuts average-pool 2x2 before a stride-1 1x1 conv (ResNet-D; timm's NF-ResNets).
+_C.MODEL.RESNETS.AVG_DOWN = False
+# PREACT only: a scheme whose norm (and a ReLU) follows the stem convolution, as the PWS release's
+# one-group GroupNorm ("GN(groups=1)", read from its files); "": the lone stem convolution.
+_C.MODEL.RESNETS.STEM_NORM = ""
 
 _C.MODEL.FPN = CN()
 # ResNet maps the FPN takes; empty: all of MODEL.RESNETS.OUT_FEATURES.

@@ -1,6 +1,6 @@
 """Conditioning of a network-deconvolution layer's data before and after whitening (ND++).
 
-Ye et al., "Enforcing Invariance in Training Deep Neural Networks" (ND++, AAAI 2022): real
+Ye et al., "Exploiting Invariance in Training Deep Neural Networks" (ND++, AAAI 2022): real
 features are correlated, their covariance ill-conditioned, and gradient descent zig-zags
 (Figure 2); ``D ~ Cov^{-1/2}`` makes the loss landscape isotropic. With ``T`` coupled
 inverse-Newton steps (5 by default) ``D`` is only approximate: large eigenvalues converge first,

@@ -1,6 +1,6 @@
 """The shift of the average gradient, per convolution (the PWS paper's probes).
 
-Wang et al., "Delving into Variance Transmission and Normalization: Shift of Average Gradient
+Liu et al., "Delving into Variance Transmission and Normalization: Shift of Average Gradient
 Makes the Network Collapse" (the PWS paper), Figure 1 and eqs. 14-15. For filter ``o`` of a
 layer with ``n = k*k*C_in`` elements, ``E[Y_o] = n E[W_o] E[X]``, so filters whose means drift
 apart add ``E^2[X] Var_o[n E[W_o]]`` to the output variance, layer after layer. The means move

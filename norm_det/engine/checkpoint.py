@@ -279,13 +279,20 @@ class Checkpointer:
         return found + [path for *_, path in sorted(numbered, reverse=True)]
 
     def load(
-        self, path: str | os.PathLike, *, full: bool = True, source: str | None = None
+        self,
+        path: str | os.PathLike,
+        *,
+        full: bool = True,
+        source: str | None = None,
+        allow_pickle: bool = False,
     ) -> dict[str, Any]:
         """Load a checkpoint or a weights file.
 
         Args:
             full: also restore the optimizer and scheduler (when the file has them).
             source: how error messages name the file (default: its path).
+            allow_pickle: read a pickle or a torch file's other objects (see
+                :func:`norm_det.files.read_weight_file`).
 
         Returns:
             ``{"iteration": int, "rng_state": dict | None, "extra": dict}`` for a full
@@ -301,7 +308,7 @@ class Checkpointer:
         source = source or f"'{path}'"
         if not path.is_file():
             raise FileNotFoundError(f"{source}: file does not exist")
-        loaded = read_weight_file(path)
+        loaded = read_weight_file(path, allow_pickle=allow_pickle)
         load_model_weights(self.model, _state_dict_of(loaded, source), source)
         if not (full and isinstance(loaded, Mapping) and "iteration" in loaded):
             logger.info("loaded model weights from %s", path)
@@ -369,7 +376,13 @@ class Checkpointer:
         return None
 
     def resume_or_load(
-        self, weights: str, *, resume: bool, backbone_scheme: Any = None
+        self,
+        weights: str,
+        *,
+        resume: bool,
+        backbone_scheme: Any = None,
+        weights_format: str | None = None,
+        allow_pickle: bool = False,
     ) -> dict[str, Any]:
         """With ``resume`` and a checkpoint in ``save_dir``, restore it fully (:meth:`resume`);
         else load ``weights`` (``MODEL.WEIGHTS``) into the model only, if given.
@@ -378,7 +391,9 @@ class Checkpointer:
         :mod:`norm_det.checkpoint` reads (torchvision, detectron2, mmdet, norm_det): when it does
         not fit the whole model, it is loaded into the model's backbone, warm-started in
         ``backbone_scheme`` (the scheme the backbone was built with); the other layers keep
-        their initialization.
+        their initialization. ``weights_format`` names the backbone file's format (None: from
+        its keys; ``MODEL.WEIGHTS_FORMAT``), ``allow_pickle`` lets a pickle be read
+        (``MODEL.WEIGHTS_ALLOW_PICKLE``).
 
         Returns:
             What :meth:`load` returns (``{}`` when nothing or only weights were loaded).
@@ -390,22 +405,47 @@ class Checkpointer:
             logger.info("no checkpoint in %s to resume from; starting from scratch", self.save_dir)
         if weights:
             source = f"MODEL.WEIGHTS '{weights}'"
+            if weights_format and backbone_scheme is not None:  # a backbone, by its format
+                self._load_backbone(
+                    weights, backbone_scheme, None, source, weights_format, allow_pickle
+                )
+                return {}
             try:
-                self.load(weights, full=False, source=source)
+                self.load(weights, full=False, source=source, allow_pickle=allow_pickle)
             except WeightFileError as unreadable:
                 raise WeightFileError(f"MODEL.WEIGHTS: {unreadable}") from None
             except ValueError as mismatch:
                 if backbone_scheme is None:
                     raise
-                self._load_backbone(weights, backbone_scheme, mismatch, source)
+                self._load_backbone(
+                    weights, backbone_scheme, mismatch, source, weights_format, allow_pickle
+                )
         return {}
 
-    def _load_backbone(self, weights: str, scheme: Any, mismatch: ValueError, source: str) -> None:
+    def _load_backbone(
+        self,
+        weights: str,
+        scheme: Any,
+        mismatch: ValueError | None,
+        source: str,
+        weights_format: str | None,
+        allow_pickle: bool,
+    ) -> None:
         from norm_det.checkpoint import load_pretrained_backbone
 
         try:
-            report = load_pretrained_backbone(_unwrap(self.model), weights, scheme)
+            report = load_pretrained_backbone(
+                _unwrap(self.model),
+                weights,
+                scheme,
+                fmt=weights_format,
+                allow_pickle=allow_pickle,
+            )
         except ValueError as error:
+            if mismatch is None:
+                raise ValueError(
+                    f"{source} (MODEL.WEIGHTS_FORMAT {weights_format}): {error}"
+                ) from None
             raise ValueError(
                 f"{mismatch}\nNor does it load as a pretrained backbone: {error}"
             ) from None

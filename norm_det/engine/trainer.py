@@ -121,7 +121,11 @@ class Trainer(SimpleTrainer):
             cfg.MODEL.VGG.NORM if cfg.MODEL.META_ARCHITECTURE == "SSD" else (cfg.MODEL.RESNETS.NORM)
         )
         state = self.checkpointer.resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=resume, backbone_scheme=backbone_scheme
+            cfg.MODEL.WEIGHTS,
+            resume=resume,
+            backbone_scheme=backbone_scheme,
+            weights_format=cfg.MODEL.WEIGHTS_FORMAT or None,
+            allow_pickle=cfg.MODEL.WEIGHTS_ALLOW_PICKLE,
         )
         self.start_iter = state.get("iteration", 0)
         self._resume_rng_state = state.get("rng_state")

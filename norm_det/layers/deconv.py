@@ -1,6 +1,6 @@
 """Network deconvolution (ND) and ND++: whitened convolution, linear and transposed layers.
 
-Ye et al., "Network Deconvolution", ICLR 2020, and Ye et al., "Enforcing Invariance in Training
+Ye et al., "Network Deconvolution", ICLR 2020, and Ye et al., "Exploiting Invariance in Training
 Deep Neural Networks" (ND++, AAAI 2022), Algorithm 1 and "Implementation Details". A layer
 computes ``y = S X D W``: ``S`` standardizes each sample with its own statistics (ND++'s scale
 invariance; ND has none), ``X`` is the layer's data matrix (im2col rows for a convolution),

@@ -3,7 +3,7 @@
 Three iterations for ``A^{-1/2}`` of symmetric positive definite matrices ``(..., F, F)``:
 
 - ``"inverse_newton"``: the coupled inverse Newton iteration that ND++ uses (Ye et al.,
-  "Enforcing Invariance in Training Deep Neural Networks", Implementation Details; Guo & Higham,
+  "Exploiting Invariance in Training Deep Neural Networks", Implementation Details; Guo & Higham,
   2006) on ``A / ||A||_F``: ``X_0 = I, M_0 = A``, ``T_k = (3I - M_k)/2``, ``X_{k+1} = X_k T_k``,
   ``M_{k+1} = T_k^2 M_k``; ``A^{-1/2} ~ X_T / sqrt(||A||_F)``.
 - ``"newton_schulz"``: IterNorm's iteration (Huang et al., "Iterative Normalization", CVPR 2019,

@@ -1,7 +1,8 @@
 """Parametric weight standardization (PWS).
 
-Wang et al., "Variance Transmission in Convolutional Networks: Parametric Weight
-Standardization" (the PWS paper), eq. 12: for every filter ``o`` with ``n = k*k*C_in`` elements,
+Liu, Ge, Li and Gui, "Delving into Variance Transmission and Normalization: Shift of Average
+Gradient Makes the Network Collapse", AAAI 2021 (the PWS paper), eq. 12: for every filter
+``o`` with ``n = k*k*C_in`` elements,
 
     W_hat_o = sqrt(2 / n) * (W_o - E[W_o]) / sqrt(Var[W_o] + gamma),
     Y_o = alpha_o * (X conv W_hat_o) + beta_o,

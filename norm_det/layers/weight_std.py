@@ -5,12 +5,21 @@ Qiao et al., "Micro-Batch Training with Batch-Channel Normalization and Weight S
 ``W_hat = (W - mean(W)) / (std(W) + eps)``, before the convolution. Paired with GroupNorm it
 trains detectors at one image per GPU.
 
+Big Transfer (Kolesnikov et al., "Big Transfer (BiT): General Visual Representation Learning",
+ECCV 2020) standardizes with the *population* variance and adds ``eps`` inside the square root,
+``W_hat = (W - mean(W)) / sqrt(var(W) + eps)`` (its release's ``StdConv2d``, eps 1e-10; timm's
+``StdConv2d``, eps 1e-8 for the BiT weights): :class:`WSConv2d` computes either form
+(``population``), since the two differ by ``sqrt(n / (n - 1))`` per filter, no weight can turn one
+into the other, and a network trained with one is reproduced only by the same form.
+
 The standardization itself (shared with :mod:`norm_det.layers.pws`) is one autograd function
 with the backward written out: composed of tensor ops, it made autograd record and replay every
 one of them, about ten passes over the weight per training step.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -164,20 +173,27 @@ def plain_conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | 
 class WSConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose filters are standardized at every forward.
 
-    The standard deviation is the unbiased one, as in the authors' code.
-
     Args:
-        eps: added to the standard deviation.
+        eps: added to the unbiased standard deviation (Qiao et al.'s code), or with
+            ``population`` to the population variance.
+        population: BiT's form, ``(W - mean) / sqrt(var + eps)`` with the population variance
+            (timm's ``StdConv2d``); False: Qiao et al.'s ``(W - mean) / (std + eps)``.
         Other arguments are those of ``nn.Conv2d``.
     """
 
-    def __init__(self, *args, eps: float = 1e-5, **kwargs) -> None:
+    def __init__(self, *args, eps: float = 1e-5, population: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.eps = eps
+        self.population = bool(population)
 
     def standardized_weight(self) -> torch.Tensor:
         """The weight the convolution uses: ``(C_out, C_in/groups, k, k)``."""
-        return standardize_filters(self.weight, eps=self.eps)
+        if not self.population:
+            return standardize_filters(self.weight, eps=self.eps)
+        # PWS's eq. 12 with alpha = sqrt(n / 2) is (W - mean) / sqrt(var + eps): one kernel.
+        fan_in = self.weight[0].numel()
+        alpha = self.weight.new_full((self.weight.shape[0],), math.sqrt(fan_in / 2))
+        return parametric_standardize_filters(self.weight, alpha, gamma=self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)
@@ -188,7 +204,8 @@ class WSConv2d(nn.Conv2d):
         return plain_conv_like(self, self.standardized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", eps={self.eps}"
+        form = ", population=True" if self.population else ""
+        return super().extra_repr() + f", eps={self.eps}{form}"
 
 
 __all__ = [

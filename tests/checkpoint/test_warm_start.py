@@ -161,6 +161,32 @@ def test_load_pretrained_backbone_errors(resnet18):
         load_pretrained_backbone(model, read_state_dict(resnet18.state_dict()), "GN")
 
 
+def test_a_checkpoint_of_another_depth_is_refused(resnet18):
+    deeper = ResNet(depth=34, norm="FrozenBN").eval()
+    with pytest.raises(ValueError, match=r"holds a ResNet-18 but .* is a ResNet-34"):
+        load_pretrained_backbone(deeper, read_state_dict(resnet18.state_dict()), "FrozenBN")
+
+
+@pytest.mark.parametrize("source", ["none", "ND", "PWS"])
+def test_warm_starts_from_norm_free_sources_into_normed_schemes(source):
+    """A norm-free unit's bias becomes the new norm's: exact for BN-like norms in eval."""
+    torch.manual_seed(0)
+    reference = ResNet(depth=18, norm=source, out_features=("res3",)).eval()
+    with torch.no_grad():
+        for name, tensor in reference.named_parameters():
+            if name.endswith("conv.bias"):
+                tensor.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    for scheme in ("FrozenBN", "GN"):
+        converted = warm_start(reference, scheme)
+        native = ResNet(depth=18, norm=scheme, out_features=("res3",))
+        assert converted.state_dict().keys() == native.state_dict().keys()
+        if scheme == "FrozenBN":
+            with torch.no_grad():
+                out, ref = converted(x)["res3"], reference(x)["res3"]
+            assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
 def test_ambiguous_sources_need_their_scheme(resnet18):
     gn = read_state_dict(pretrained_reference(read_state_dict(resnet18.state_dict())).state_dict())
     converted = warm_start(pretrained_reference(gn), "GN+WS")

@@ -122,3 +122,71 @@ def test_pre_activation_mask_rcnn_trains(scheme: str) -> None:
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("scheme", ["PWS", "none"])
+def test_norm_free_units_add_their_input_unrectified(scheme: str) -> None:
+    # No norm before the pre-activation ReLU: it must not rectify the unit's input in place,
+    # which the identity path adds, nor a map already returned (res4, the input of res5).
+    torch.manual_seed(2)
+    net = ResNet(depth=18, norm=scheme, preact=True, res2_channels=8, stem_channels=8).eval()
+    block = net.res2[1]
+    x = torch.randn(2, 8, 6, 6)
+    out = block.conv1(F.relu(x))
+    out = block.conv2(out)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x.clone()), x + out)
+        outputs = net(torch.randn(1, 3, 64, 64))
+        res4 = outputs["res4"].clone()
+        assert (res4 < 0).any()
+        torch.testing.assert_close(outputs["res5"], net.final(net.res5(res4)))
+    torch.testing.assert_close(outputs["res4"], res4)
+
+
+def test_stem_norm_follows_the_stem_convolution() -> None:
+    torch.manual_seed(3)
+    net = ResNet(
+        depth=18,
+        norm="PWS",
+        preact=True,
+        stem_norm="GN(groups=1)",
+        res2_channels=8,
+        stem_channels=8,
+    ).eval()
+    assert net.stem_norm == "GN(groups=1)"
+    stem = net.stem.conv1
+    assert [name for name, _ in stem.named_children()] == ["conv", "norm", "relu"]
+    assert isinstance(stem.norm, nn.GroupNorm) and stem.norm.num_groups == 1
+    stem_keys = [k for k in net.state_dict() if k.startswith("stem.")]
+    assert {k.rpartition(".")[0] for k in stem_keys} == {"stem.conv1.conv", "stem.conv1.norm"}
+    assert {"stem.conv1.conv.bias", "stem.conv1.norm.weight", "stem.conv1.norm.bias"} <= set(
+        stem_keys
+    )
+    with torch.no_grad():
+        stem.norm.weight.uniform_(0.5, 1.5)
+        stem.norm.bias.uniform_(-0.5, 0.5)
+        x = torch.randn(2, 3, 32, 32)
+        h = F.group_norm(stem.conv(x), 1, stem.norm.weight, stem.norm.bias)
+        expected = F.max_pool2d(F.relu(h), 3, stride=2, padding=1)
+        torch.testing.assert_close(net.stem(x), expected)
+    # A scheme with a norm: its image convolution keeps a bias, which a one-group GN does not
+    # absorb per channel.
+    gn = ResNet(depth=18, norm="GN", preact=True, stem_norm="GN(groups=1)", res2_channels=32)
+    assert type(gn.stem.conv1.conv) is nn.Conv2d and gn.stem.conv1.conv.bias is not None
+    assert gn.stem.conv1.norm.num_groups == 1 and gn.final.norm.num_groups == 32
+
+
+def test_stem_norm_errors_and_config() -> None:
+    with pytest.raises(ValueError, match=r"MODEL.RESNETS.STEM_NORM\) is for the pre-activation"):
+        ResNet(depth=18, norm="GN", stem_norm="GN(groups=1)")
+    with pytest.raises(ValueError, match=r"MODEL.RESNETS.STEM_NORM\) 'PWS' has no norm"):
+        ResNet(depth=18, norm="GN", preact=True, stem_norm="PWS")
+    with pytest.raises(ValueError, match=r"^MODEL.RESNETS.STEM_NORM: .*'GNN'"):
+        ResNet(depth=18, norm="GN", preact=True, stem_norm="GNN")
+    cfg = tiny_cfg("FasterRCNN", "PWS")
+    assert cfg.MODEL.RESNETS.STEM_NORM == ""
+    assert ResNet.from_config(cfg).stem_norm is None
+    cfg.MODEL.RESNETS.PREACT = True
+    cfg.MODEL.RESNETS.STEM_NORM = "gn(groups=1)"
+    net = ResNet.from_config(cfg)
+    assert net.stem_norm == "GN(groups=1)" and net.stem.conv1.norm.num_groups == 1
