@@ -434,6 +434,21 @@ class _DeconvMixin:
             self.running_mean.lerp_(mean.detach(), self.momentum)
         return mean, cov
 
+    def _statistics(
+        self, mean: torch.Tensor | None, cov: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(mu, D)`` for :meth:`whitened_weight`: ``D`` None where a batch's ``cov`` gives it;
+        the running statistics by default, copied when a graph is recorded: it keeps them for
+        the backward, and a later forward of this layer in the same step (a head shared by the
+        FPN levels, with fresh statistics on that call) updates them in place."""
+        deconv = self.running_deconv if cov is None else None
+        if mean is None:
+            mean = self.running_mean
+            if torch.is_grad_enabled():
+                mean = mean.clone()
+                deconv = None if deconv is None else deconv.clone()
+        return mean, deconv
+
     # Weight matrix <-> stack of per-matrix rows (mats, R, F).
 
     def _to_stack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -1109,9 +1124,7 @@ class DeconvConv2d(_DeconvMixin, nn.Conv2d):
         self, mean: torch.Tensor | None = None, cov: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W', b')`` for a batch's ``(mu, Cov)``, by default for the running statistics."""
-        if mean is None:
-            mean = self.running_mean
-        deconv = self.running_deconv if cov is None else None
+        mean, deconv = self._statistics(mean, cov)
         weight, bias = self._whiten(self.weight.flatten(1), self.bias, mean, deconv, cov)
         return weight.view_as(self.weight), bias
 
@@ -1251,9 +1264,7 @@ class DeconvLinear(_DeconvMixin, nn.Linear):
         self, mean: torch.Tensor | None = None, cov: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W', b')`` for a batch's ``(mu, Cov)``, by default for the running statistics."""
-        if mean is None:
-            mean = self.running_mean
-        deconv = self.running_deconv if cov is None else None
+        mean, deconv = self._statistics(mean, cov)
         return self._whiten(self.weight, self.bias, mean, deconv, cov)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1394,9 +1405,7 @@ class DeconvConvTranspose2d(_DeconvMixin, nn.ConvTranspose2d):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W', b')`` in ``nn.ConvTranspose2d`` layout for a batch's ``(mu, Cov)``, by
         default for the running statistics."""
-        if mean is None:
-            mean = self.running_mean
-        deconv = self.running_deconv if cov is None else None
+        mean, deconv = self._statistics(mean, cov)
         kernel = self._correlation_kernel(self.weight)
         kernel, bias = self._whiten(kernel, self.bias, mean, deconv, cov)
         return self._transposed_weight(kernel), bias

@@ -520,6 +520,27 @@ def test_freeze_schedule_steps_match_the_release(schedule: str, freeze_iter: int
     assert later == [s for s in expected if s > 15]
 
 
+def test_a_layer_called_several_times_a_step_mixes_frozen_and_fresh_calls() -> None:
+    """A head shared by the FPN levels: within one step a call that reuses the running
+    statistics may come before one that updates them; the first call's backward still works
+    and sees the statistics as they were when it ran."""
+    torch.manual_seed(0)
+    layers = [
+        (DeconvConv2d(4, 2, 3, padding=1, block=4, freeze=True, freeze_iter=1), (2, 4, 5, 5)),
+        (DeconvLinear(8, 3, block=4, freeze=True, freeze_iter=1), (6, 8)),
+        (
+            DeconvConvTranspose2d(4, 2, 2, stride=2, block=4, freeze=True, freeze_iter=1),
+            (2, 4, 3, 3),
+        ),
+    ]
+    for layer, shape in layers:
+        layer.double().train()
+        for _ in range(12):  # 3 calls a step: steps 10 and 11 of the schedule fall mid-step
+            inputs = [torch.randn(shape, dtype=torch.double, requires_grad=True) for _ in range(3)]
+            sum(layer(x).square().sum() for x in inputs).backward()
+        assert int(layer.num_batches_tracked) == 36
+
+
 def test_ndpp_schedule_is_the_default_and_a_scheme_option() -> None:
     assert DeconvConv2d(4, 2, 1, freeze=True).freeze_schedule == "ndpp"
     for name in ("ND", "NDPP"):
