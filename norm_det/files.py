@@ -1,7 +1,7 @@
 """Files in and out: weight files read by their real format, never running code; atomic writes.
 
-Both the weight converters (:mod:`norm_det.checkpoint`) and the training checkpointer
-(:mod:`norm_det.engine.checkpoint`) read and write through this module, which imports nothing of
+Both the weight converters (:mod:`norm_det.weights`) and the training checkpointer
+(:mod:`norm_det.engine.checkpointer`) read and write through this module, which imports nothing of
 norm_det.
 
 Reading (:func:`read_weight_file`). A file's format is decided by its bytes, never by its name:

@@ -279,7 +279,7 @@ def get(
         if trained:
             DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         return model.eval() if trained else model
-    from norm_det.engine.checkpoint import Checkpointer
+    from norm_det.engine.checkpointer import Checkpointer
     from norm_det.modeling import build_model
 
     model = build_model(cfg)

@@ -47,7 +47,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch import nn
 
-from norm_det.checkpoint.deploy import inexact_layers
 from norm_det.config import CONFIGS_DIR, CfgNode, load_config
 from norm_det.modeling import build_model
 from norm_det.schemes import get_scheme
@@ -60,6 +59,7 @@ from norm_det.utils.benchmark import (
     peak_resident,
     ratio_summary,
 )
+from norm_det.weights.deploy import inexact_layers
 
 ALL_SCHEMES = (
     "none",

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from norm_det.checkpoint import (
+from norm_det.weights import (
     FRAMEWORKS,
     BackboneWeights,
     deploy_config,
@@ -51,10 +51,10 @@ from norm_det.checkpoint import (
     save_file,
     write_checkpoint,
 )
-from norm_det.checkpoint.backbones import infer_scheme
-from norm_det.checkpoint.deploy import fused_copy
-from norm_det.checkpoint.formats import known_formats
-from norm_det.checkpoint.warm_start import backbone_weights, warm_start
+from norm_det.weights.backbones import infer_scheme
+from norm_det.weights.deploy import fused_copy
+from norm_det.weights.formats import known_formats
+from norm_det.weights.warm_start import backbone_weights, warm_start
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +189,7 @@ def convert_model(args: argparse.Namespace) -> None:
     """A whole model from its config: fused weights, an ONNX file, or (from a backbone
     checkpoint) the model's initialization with its backbone warm-started."""
     from norm_det.config import get_cfg
-    from norm_det.engine.checkpoint import Checkpointer
+    from norm_det.engine.checkpointer import Checkpointer
     from norm_det.modeling import build_model
 
     if args.scheme or args.to != "norm_det":

@@ -1,63 +1,33 @@
-"""Backbone weights across frameworks and schemes, and deployment.
+"""Deprecated: the weight conversion package is :mod:`norm_det.weights`.
 
-- :mod:`~norm_det.checkpoint.keymaps`: module names of torchvision, detectron2, mmdet and
-  norm_det ResNet / VGG-16 backbones, both ways;
-- :mod:`~norm_det.checkpoint.formats`: recognise a checkpoint file's framework, write any;
-- :mod:`~norm_det.checkpoint.io`: safe reading (``weights_only``; pickles only on request);
-- :mod:`~norm_det.checkpoint.warm_start`: start a backbone of any scheme from BN weights;
-- :mod:`~norm_det.checkpoint.deploy`: fold everything into plain layers; ONNX export.
-
-``tools/convert_weights.py`` is the command line over these; docs/weights.md and docs/deploy.md
-say what each conversion preserves, with measurements.
+``norm_det.checkpoint`` and its submodules (``formats``, ``keymaps``, ``warm_start`` ...) are the
+same modules under their old names, for one release; import them from ``norm_det.weights``.
 """
 
-from norm_det.checkpoint.backbones import find_backbone, infer_scheme, load_backbone_tensors
-from norm_det.checkpoint.deploy import (
-    deploy_config,
-    export_onnx,
-    fuse_weights,
-    inexact_layers,
-    run_onnx,
-)
-from norm_det.checkpoint.formats import (
-    BackboneWeights,
-    read_checkpoint,
-    read_state_dict,
-    to_framework,
-    write_checkpoint,
-)
-from norm_det.checkpoint.io import load_file, save_file
-from norm_det.checkpoint.keymaps import FRAMEWORKS
-from norm_det.checkpoint.warm_start import (
-    calibrate,
-    convert_weights,
-    load_pretrained_backbone,
-    output_agreement,
-    pretrained_reference,
-    warm_start,
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+from norm_det.weights import *  # noqa: F403  (the old package's public names)
+from norm_det.weights import __all__  # noqa: F401
+
+warnings.warn(
+    "norm_det.checkpoint is deprecated: import norm_det.weights (the same modules)",
+    DeprecationWarning,
+    stacklevel=2,
 )
 
-__all__ = [
-    "FRAMEWORKS",
-    "BackboneWeights",
-    "calibrate",
-    "convert_weights",
-    "deploy_config",
-    "export_onnx",
-    "find_backbone",
-    "fuse_weights",
-    "inexact_layers",
-    "infer_scheme",
-    "load_backbone_tensors",
-    "load_file",
-    "load_pretrained_backbone",
-    "output_agreement",
-    "pretrained_reference",
-    "read_checkpoint",
-    "read_state_dict",
-    "run_onnx",
-    "save_file",
-    "to_framework",
+_SUBMODULES = (
+    "backbones",
+    "deploy",
+    "formats",
+    "io",
+    "keymaps",
+    "sources",
     "warm_start",
-    "write_checkpoint",
-]
+)
+sys.modules[f"{__name__}.weights"] = importlib.import_module("norm_det.weights.backbone_weights")
+for _name in _SUBMODULES:
+    sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"norm_det.weights.{_name}")

@@ -16,7 +16,7 @@ _C.MODEL = CN()
 _C.MODEL.DEVICE = "cpu"
 _C.MODEL.WEIGHTS = ""
 # The format of MODEL.WEIGHTS when it holds a pretrained backbone, not a whole model: "" tells it
-# from the file's keys; else one of norm_det.checkpoint.formats.known_formats() (docs/weights.md).
+# from the file's keys; else one of norm_det.weights.formats.known_formats() (docs/weights.md).
 _C.MODEL.WEIGHTS_FORMAT = ""
 # Read MODEL.WEIGHTS when it is a pickle (detectron2's and Caffe2's .pkl zoo files) or a torch
 # file holding other Python objects (mmdet's meta): only arrays and containers are built.

@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader
 
 from norm_det.data.catalog import get_dataset
 from norm_det.data.samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler
 from norm_det.data.transforms import build_transforms
+from norm_det.utils.comm import broadcast_object, get_rank, get_world_size
 
 __all__ = [
     "TrainDataLoader",
@@ -27,21 +27,12 @@ __all__ = [
 _SAMPLERS = ("TrainingSampler",)
 
 
-def _rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _shared_seed(seed: int) -> int:
     """``seed`` if >= 0, else a random seed drawn on rank 0 and shared with every process (the
     training stream must be the same permutation everywhere to be sharded correctly)."""
     if seed >= 0:
         return int(seed)
-    drawn = [int(np.random.SeedSequence().generate_state(1)[0] % 2**31)]
-    if _rank_and_world_size()[1] > 1:
-        dist.broadcast_object_list(drawn, src=0)
-    return drawn[0]
+    return broadcast_object(int(np.random.SeedSequence().generate_state(1)[0] % 2**31))
 
 
 def trivial_batch_collator(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
@@ -81,7 +72,7 @@ def build_detection_train_loader(cfg: Any, *, start_iter: int = 0) -> TrainDataL
         cfg: the config (INPUT, DATASETS, DATALOADER, SOLVER.IMS_PER_BATCH, SEED, MODEL.MASK_ON).
         start_iter: number of batches already consumed.
     """
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = get_rank(), get_world_size()
     total = int(cfg.SOLVER.IMS_PER_BATCH)
     if total < world_size or total % world_size:
         raise ValueError(
@@ -133,7 +124,7 @@ def build_detection_test_loader(cfg: Any, dataset_name: str, *, batch_size: int 
         dataset_name: a registered dataset name.
         batch_size: images per batch on each process.
     """
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = get_rank(), get_world_size()
     mask_on = _mask_on(cfg)
     dataset = get_dataset(
         dataset_name,

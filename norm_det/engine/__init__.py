@@ -4,7 +4,7 @@
 :func:`launch`, :func:`default_setup` and :class:`Trainer`.
 """
 
-from norm_det.engine.checkpoint import (
+from norm_det.engine.checkpointer import (
     Checkpointer,
     atomic_save,
     capture_rng_state,

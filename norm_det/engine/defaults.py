@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import yaml
 
-from norm_det.evaluation.distributed import all_gather_object, get_rank, get_world_size, synchronize
 from norm_det.files import atomic_write
 from norm_det.solver import (
     describe_batch,
@@ -26,6 +25,7 @@ from norm_det.solver import (
     images_per_pass,
     scale_to_world_size,
 )
+from norm_det.utils.comm import all_gather_object, get_rank, get_world_size, synchronize
 
 __all__ = ["default_argument_parser", "default_setup", "seed_all_rng", "setup_logger"]
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from norm_det.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from norm_det.engine.checkpointer import Checkpointer, capture_rng_state, restore_rng_state
 from norm_det.engine.precise_statistics import recompute_running_statistics
 from norm_det.engine.train_loop import HookBase
-from norm_det.evaluation.distributed import is_main_process
 from norm_det.files import atomic_write
+from norm_det.utils.comm import is_main_process
 
 __all__ = [
     "DiagnosticsHook",

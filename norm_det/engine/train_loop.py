@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from norm_det.engine.checkpoint import restore_rng_state
+from norm_det.engine.checkpointer import restore_rng_state
 from norm_det.engine.metrics import MetricStorage
 from norm_det.layers import (
     prepare_optimizer_step,

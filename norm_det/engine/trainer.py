@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from norm_det.engine.checkpoint import Checkpointer
+from norm_det.engine.checkpointer import Checkpointer
 from norm_det.engine.hooks import (
     DiagnosticsHook,
     EvalHook,
@@ -28,13 +28,13 @@ from norm_det.engine.hooks import (
 )
 from norm_det.engine.launch import get_local_rank
 from norm_det.engine.train_loop import HookBase, SimpleTrainer, move_to_device
-from norm_det.evaluation.distributed import get_world_size, is_main_process
 from norm_det.solver import (
     build_gradient_clipper,
     describe_scaling,
     pass_config,
     scale_to_world_size,
 )
+from norm_det.utils.comm import get_world_size, is_main_process
 
 __all__ = ["Trainer", "model_device"]
 

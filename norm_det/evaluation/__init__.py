@@ -13,13 +13,6 @@ from norm_det.evaluation.cityscapes_evaluation import (
 )
 from norm_det.evaluation.coco_backend import COCO_BACKENDS, load_coco_gt, run_coco_eval
 from norm_det.evaluation.coco_evaluation import COCOEvaluator, instances_to_coco_results
-from norm_det.evaluation.distributed import (
-    all_gather_object,
-    get_rank,
-    get_world_size,
-    is_main_process,
-    synchronize,
-)
 from norm_det.evaluation.evaluator import DatasetEvaluator, DatasetEvaluators
 from norm_det.evaluation.guards import (
     check_coco_results,
@@ -29,6 +22,13 @@ from norm_det.evaluation.guards import (
 from norm_det.evaluation.inference import inference_on_dataset
 from norm_det.evaluation.pascal_voc_evaluation import PascalVOCEvaluator, voc_ap
 from norm_det.evaluation.sem_seg_evaluation import SemSegEvaluator
+from norm_det.utils.comm import (
+    all_gather_object,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    synchronize,
+)
 
 __all__ = [
     "COCO_BACKENDS",

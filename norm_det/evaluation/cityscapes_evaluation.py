@@ -28,7 +28,6 @@ from PIL import Image
 
 from norm_det.data.cityscapes import check_same_size, instance_file
 from norm_det.data.image_io import image_size
-from norm_det.evaluation.distributed import all_gather_object, is_main_process
 from norm_det.evaluation.evaluator import (
     DatasetEvaluator,
     Results,
@@ -37,6 +36,7 @@ from norm_det.evaluation.evaluator import (
     unique_by_image_id,
 )
 from norm_det.evaluation.guards import check_finite_sem_seg
+from norm_det.utils.comm import all_gather_object, is_main_process
 
 __all__ = [
     "LABEL_ID_TO_TRAIN_ID",

@@ -29,7 +29,6 @@ from norm_det.evaluation.coco_backend import (
     per_category_ap,
     run_coco_eval,
 )
-from norm_det.evaluation.distributed import all_gather_object, is_main_process
 from norm_det.evaluation.evaluator import (
     DatasetEvaluator,
     Results,
@@ -38,6 +37,7 @@ from norm_det.evaluation.evaluator import (
     unique_by_image_id,
 )
 from norm_det.evaluation.guards import check_finite_outputs, check_ground_truth_for_task
+from norm_det.utils.comm import all_gather_object, is_main_process
 
 __all__ = ["COCOEvaluator", "instances_to_coco_results"]
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from norm_det.evaluation.distributed import get_world_size, is_main_process
 from norm_det.evaluation.evaluator import DatasetEvaluator, Results
+from norm_det.utils.comm import get_world_size, is_main_process
 
 __all__ = ["inference_on_dataset"]
 

@@ -30,7 +30,6 @@ import numpy as np
 
 from norm_det.data.postprocess import rescale_to_original
 from norm_det.data.voc import load_voc_ground_truth
-from norm_det.evaluation.distributed import all_gather_object, is_main_process
 from norm_det.evaluation.evaluator import (
     DatasetEvaluator,
     Results,
@@ -40,6 +39,7 @@ from norm_det.evaluation.evaluator import (
     unique_by_image_id,
 )
 from norm_det.evaluation.guards import check_finite_outputs
+from norm_det.utils.comm import all_gather_object, is_main_process
 
 __all__ = ["PascalVOCEvaluator", "voc_ap", "voc_class_recall_precision"]
 

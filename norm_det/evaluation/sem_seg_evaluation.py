@@ -18,7 +18,6 @@ import torch
 
 from norm_det.data.image_io import read_label_png
 from norm_det.data.postprocess import rescale_to_original
-from norm_det.evaluation.distributed import all_gather_object, is_main_process
 from norm_det.evaluation.evaluator import (
     DatasetEvaluator,
     Results,
@@ -28,6 +27,7 @@ from norm_det.evaluation.evaluator import (
     unique_by_image_id,
 )
 from norm_det.evaluation.guards import check_finite_sem_seg
+from norm_det.utils.comm import all_gather_object, is_main_process
 
 __all__ = ["SemSegEvaluator", "segmentation_metrics"]
 

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-import norm_det.engine.checkpoint as checkpoint_module
+import norm_det.engine.checkpointer as checkpoint_module
 from norm_det import files
 from norm_det.engine import HookBase, default_setup
 from norm_det.engine.hooks import MetricsWriter

@@ -15,7 +15,7 @@ import torch
 
 from norm_det.config import get_cfg
 from norm_det.engine import HookBase, LRSchedulerHook, Trainer, launch, seed_all_rng
-from norm_det.evaluation.distributed import get_rank, get_world_size
+from norm_det.utils.comm import get_rank, get_world_size
 from tests.engine.test_accumulation import build_scheme_net, regression_data
 
 IMAGES = 8

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from norm_det.engine import MetricsWriter, ProgressBar, launch, seed_all_rng
-from norm_det.evaluation.distributed import get_rank, get_world_size
+from norm_det.utils.comm import get_rank, get_world_size
 from tests.engine.toys import ToyTrainer, toy_cfg
 
 OPTS = (

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from norm_det.engine import Checkpointer, HookBase, default_setup, seed_all_rng
-from norm_det.engine.checkpoint import NonFiniteStateError
+from norm_det.engine.checkpointer import NonFiniteStateError
 from norm_det.files import WeightFileError
 from tests.engine.toys import ToyDetector, ToyTrainer, toy_cfg
 
@@ -48,7 +48,7 @@ def test_resume_falls_back_past_an_unreadable_newest_checkpoint(tmp_path, caplog
     (tmp_path / "last_checkpoint").write_text("model_0000004.pth")
     (tmp_path / "model_final.pth").unlink()
     _cut(tmp_path / "model_0000004.pth")
-    with caplog.at_level(logging.WARNING, logger="norm_det.engine.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="norm_det.engine.checkpointer"):
         trainer = _resumed(tmp_path)
     assert trainer.start_iter == 2
     assert "not resuming from" in caplog.text and "model_0000004.pth" in caplog.text
@@ -71,7 +71,7 @@ def test_last_checkpoint_never_leaves_the_output_dir(tmp_path, caplog):
     torch.save({"model": trained.model.state_dict(), "iteration": 5}, outside)
     for pointer in (str(outside), "../elsewhere.pth"):
         (run / "last_checkpoint").write_text(pointer)
-        with caplog.at_level(logging.WARNING, logger="norm_det.engine.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="norm_det.engine.checkpointer"):
             trainer = _resumed(run)
         assert "not a file name inside" in caplog.text
         assert trainer.start_iter == 6  # model_final.pth, the newest inside the directory

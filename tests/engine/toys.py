@@ -13,8 +13,8 @@ from torch import nn
 
 from norm_det.config import get_cfg
 from norm_det.engine import Trainer
-from norm_det.evaluation.distributed import all_gather_object, get_rank, get_world_size
 from norm_det.layers import track_step_layers
+from norm_det.utils.comm import all_gather_object, get_rank, get_world_size
 
 IMAGE_SIZE = 6
 

@@ -7,15 +7,15 @@ import torch
 import torchvision
 
 import tools.convert_weights as convert_weights
-from norm_det.checkpoint import (
+from norm_det.modeling import build_model
+from norm_det.weights import (
     output_agreement,
     pretrained_reference,
     read_checkpoint,
     warm_start,
 )
-from norm_det.modeling import build_model
-from tests.checkpoint.conftest import make_resnet18, relative_error, torchvision_resnet_features
 from tests.modeling.tiny import tiny_batch, tiny_cfg
+from tests.weights.conftest import make_resnet18, relative_error, torchvision_resnet_features
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -128,7 +128,7 @@ def test_a_whole_model_from_its_config(tmp_path, capsys):
 
 
 def test_initialization_of_a_detector_from_a_backbone(resnet18_file, tmp_path, capsys):
-    from norm_det.engine.checkpoint import Checkpointer
+    from norm_det.engine.checkpointer import Checkpointer
 
     _, source = resnet18_file
     cfg = tiny_cfg("FasterRCNN", "GN+WS")

@@ -14,10 +14,10 @@ format             file
 =================  =========================================================================
 
 The pretrained files of the papers' releases and of the model zoos (Caffe2-named detectron2
-files, timm, BiT ...) are *source formats* (:mod:`norm_det.checkpoint.sources`), read only:
+files, timm, BiT ...) are *source formats* (:mod:`norm_det.weights.sources`), read only:
 each is recognised from its keys before the namings below are tried, or named with ``fmt``.
 
-Reading tries every naming of :mod:`norm_det.checkpoint.keymaps` under each of its prefixes and
+Reading tries every naming of :mod:`norm_det.weights.keymaps` under each of its prefixes and
 keeps the one that names the most keys; the file's container (``state_dict``, ``__author__``)
 breaks ties between identical namings (a bare mmdet ResNet *is* torchvision's). Keys outside the
 backbone must belong to a known part of that framework's models (FPN, heads); anything else is
@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from norm_det.checkpoint.io import PICKLE_SUFFIXES, load_file, save_file, to_tensor
-from norm_det.checkpoint.keymaps import (
+from norm_det.weights.backbone_weights import BackboneWeights
+from norm_det.weights.io import PICKLE_SUFFIXES, load_file, save_file, to_tensor
+from norm_det.weights.keymaps import (
     FRAMEWORKS,
     Naming,
     namings,
@@ -43,7 +44,6 @@ from norm_det.checkpoint.keymaps import (
     split_key,
     writable_naming,
 )
-from norm_det.checkpoint.weights import BackboneWeights
 
 _AUTHOR = "norm_det"
 _ARGUMENTS = "backbone_arguments"  # the meta entry of BackboneWeights.arguments
@@ -130,7 +130,7 @@ def _match(keys: list[str], naming: Naming, prefix: str) -> _Match:
 def known_formats() -> list[str]:
     """The names ``fmt`` (``--from``, ``MODEL.WEIGHTS_FORMAT``) accepts: the frameworks, then
     the source formats."""
-    from norm_det.checkpoint.sources import source_formats
+    from norm_det.weights.sources import source_formats
 
     return [*FRAMEWORKS, *source_formats()]
 
@@ -208,7 +208,7 @@ def read_state_dict(
         ValueError: an unknown ``fmt``; keys no format names (listing the known formats and the
             first keys), or keys a recognised format cannot place (naming the first).
     """
-    from norm_det.checkpoint.sources import claimant, source_formats
+    from norm_det.weights.sources import claimant, source_formats
 
     tensors = {key: to_tensor(value, key, source) for key, value in state.items()}
     if fmt is not None and fmt not in FRAMEWORKS:
@@ -244,7 +244,7 @@ def read_checkpoint(
     """Read the backbone weights of a checkpoint file of any known format.
 
     Args:
-        path: the file; ``.pkl`` needs ``allow_pickle`` (see :func:`norm_det.checkpoint.io.
+        path: the file; ``.pkl`` needs ``allow_pickle`` (see :func:`norm_det.weights.io.
             load_file`).
         allow_pickle: the caller trusts the file (read pickles; see ``load_file``).
         fmt: the file's format (see :func:`read_state_dict`); None: recognised from its keys.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from norm_det.checkpoint import load_file, read_checkpoint, read_state_dict, write_checkpoint
+from norm_det.weights import load_file, read_checkpoint, read_state_dict, write_checkpoint
 
 
 class Opaque:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from norm_det import convert
-from norm_det.checkpoint import (
+from norm_det.modeling import ResNet, build_model
+from norm_det.weights import (
     calibrate,
     load_pretrained_backbone,
     output_agreement,
@@ -16,9 +17,8 @@ from norm_det.checkpoint import (
     read_state_dict,
     warm_start,
 )
-from norm_det.modeling import ResNet, build_model
-from tests.checkpoint.conftest import randomize_norms
 from tests.modeling.tiny import tiny_cfg
+from tests.weights.conftest import randomize_norms
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,10 @@ import pytest
 import torch
 from torch import nn
 
-from norm_det.checkpoint import (
+from norm_det.config import get_cfg
+from norm_det.engine.checkpointer import Checkpointer
+from norm_det.modeling import ResNet, build_model
+from norm_det.weights import (
     load_pretrained_backbone,
     output_agreement,
     pretrained_reference,
@@ -29,19 +32,16 @@ from norm_det.checkpoint import (
     to_framework,
     warm_start,
 )
-from norm_det.checkpoint.sources import claimant
-from norm_det.checkpoint.sources.model_zoos import (
+from norm_det.weights.sources import claimant
+from norm_det.weights.sources.model_zoos import (
     CAFFE_BGR,
     MMDET_RGB,
     InputConvention,
     convert_stem,
     norm_det_input,
 )
-from norm_det.config import get_cfg
-from norm_det.engine.checkpoint import Checkpointer
-from norm_det.modeling import ResNet, build_model
-from tests.checkpoint.conftest import make_resnet18
 from tests.modeling.tiny import tiny_cfg
+from tests.weights.conftest import make_resnet18
 
 # The narrow ResNet-50 of every test, in norm_det's, detectron2's and mmdet's arguments.
 NARROW = dict(depth=50, stem_channels=32, res2_channels=128, bottleneck_channels=32)

@@ -1,4 +1,4 @@
-"""The PWS and IterNorm releases as source formats (norm_det.checkpoint.sources.
+"""The PWS and IterNorm releases as source formats (norm_det.weights.sources.
 standardization_releases), tried against re-definitions of the releases' own modules."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import argparse
 import pytest
 import torch
 
-from norm_det.checkpoint import (
+from norm_det.modeling import ResNet, build_model
+from norm_det.weights import (
     load_file,
     load_pretrained_backbone,
     output_agreement,
@@ -18,22 +19,21 @@ from norm_det.checkpoint import (
     save_file,
     write_checkpoint,
 )
-from norm_det.checkpoint.backbones import find_backbone, load_backbone_tensors, resnet_arguments
-from norm_det.checkpoint.sources.standardization_releases import (
+from norm_det.weights.backbones import find_backbone, load_backbone_tensors, resnet_arguments
+from norm_det.weights.sources.standardization_releases import (
     PWS_DROPPED,
     PWS_RELEASE_SCHEME,
     PWS_STEM_NORM,
     claims_iternorm_release,
     claims_pws_release,
 )
-from norm_det.modeling import ResNet, build_model
-from tests.checkpoint.conftest import make_resnet18
-from tests.checkpoint.standardization_release_modules import (
+from tests.model_utils import relative_error
+from tests.modeling.tiny import tiny_cfg
+from tests.weights.conftest import make_resnet18
+from tests.weights.standardization_release_modules import (
     make_iternorm_release,
     make_pws_release,
 )
-from tests.model_utils import relative_error
-from tests.modeling.tiny import tiny_cfg
 
 EXACT = 1e-5
 

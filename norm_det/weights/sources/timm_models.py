@@ -61,10 +61,10 @@ from typing import Any
 
 import torch
 
-from norm_det.checkpoint.keymaps import namings, split_key
-from norm_det.checkpoint.sources import SourceFormat, register, unplaced_keys_error
-from norm_det.checkpoint.weights import BackboneWeights
 from norm_det.layers.nf import ACTIVATION_GAMMAS
+from norm_det.weights.backbone_weights import BackboneWeights
+from norm_det.weights.keymaps import namings, split_key
+from norm_det.weights.sources import SourceFormat, register, unplaced_keys_error
 
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 # The tensors of each kind of layer (norm_det's module -> its kind: see _kind).

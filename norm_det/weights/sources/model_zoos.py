@@ -28,7 +28,7 @@ Batch-Channel Normalization and Weight Standardization", 2019: mmcv's ``ConvWS2d
 std plus eps 1e-5, then GN), ``contrib/resnet50_gn``. mmdet's ResNet state dict, its norms named
 by the norm's abbreviation: ``conv1.weight``, ``gn1.weight``, ``layer1.0.conv1.weight``,
 ``layer1.0.gn1.bias``, ``layer1.0.downsample.0.weight``, ``layer1.0.downsample.1.weight``
-(mmdet's naming of :mod:`norm_det.checkpoint.keymaps`). Every config uses 32 groups and
+(mmdet's naming of :mod:`norm_det.weights.keymaps`). Every config uses 32 groups and
 ``style='pytorch'`` (the stride in the 3x3). GN and GN+WS files have the same keys: ``mmdet-gn``
 is recognised from them (a bare mmdet ResNet with ``gn`` norms: the zoo's pretrained backbones;
 mmdet's own detector checkpoints hold theirs under ``backbone.``), ``mmdet-gn-ws`` and
@@ -58,10 +58,10 @@ from dataclasses import dataclass
 
 import torch
 
-from norm_det.checkpoint.keymaps import namings, split_key
-from norm_det.checkpoint.sources import SourceFormat, register, unplaced_keys_error
-from norm_det.checkpoint.weights import BackboneWeights
 from norm_det.config import get_cfg
+from norm_det.weights.backbone_weights import BackboneWeights
+from norm_det.weights.keymaps import namings, split_key
+from norm_det.weights.sources import SourceFormat, register, unplaced_keys_error
 
 # ---------------------------------------------------------------------------------------------
 # Input conventions and the stem conversion.

@@ -32,11 +32,11 @@ import torch
 from fvcore.common.config import CfgNode
 from torch import nn
 
-from norm_det.checkpoint.backbones import classifier_tensors, covered_state, units_of
-from norm_det.checkpoint.formats import BackboneWeights
-from norm_det.checkpoint.warm_start import pretrained_reference
 from norm_det.schemes import get_scheme
 from norm_det.surgery import fuse
+from norm_det.weights.backbones import classifier_tensors, covered_state, units_of
+from norm_det.weights.formats import BackboneWeights
+from norm_det.weights.warm_start import pretrained_reference
 
 # eps of the identity BN that carries a fused bias: torchvision's, detectron2's and mmdet's BN.
 BN_EPS = 1e-5
@@ -138,7 +138,7 @@ def fuse_weights(
             f"{len(inexact)} fused layers keep a computation plain weights cannot hold (first: "
             f"{', '.join(inexact[:3])}): ND++'s per-sample input standardization. The weights "
             "alone would compute something else; export the model to ONNX instead "
-            "(norm_det.checkpoint.export_onnx), or accept the difference with "
+            "(norm_det.weights.export_onnx), or accept the difference with "
             "allow_inexact=True (--allow-inexact)"
         )
     tensors = covered_state(fused, units_of(weights.tensors))

@@ -32,7 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from norm_det.checkpoint.backbones import (
+from norm_det.schemes import get_scheme
+from norm_det.surgery import convert, effective_weights, fold_affine_into, folded_affine
+from norm_det.weights.backbones import (
     arguments_for,
     arguments_of,
     build_backbone,
@@ -43,9 +45,7 @@ from norm_det.checkpoint.backbones import (
     load_backbone_tensors,
     units_of,
 )
-from norm_det.checkpoint.formats import BackboneWeights, read_checkpoint
-from norm_det.schemes import get_scheme
-from norm_det.surgery import convert, effective_weights, fold_affine_into, folded_affine
+from norm_det.weights.formats import BackboneWeights, read_checkpoint
 
 # The config keys of the ResNet arguments a checkpoint's format may require.
 _CONFIG_KEYS = {
@@ -366,7 +366,7 @@ def pretrained_reference(
 
     Args:
         source_scheme: that scheme, when neither the file's metadata nor the tensors' names
-            tell (GN vs GN+WS, ND vs NDPP; see :func:`~norm_det.checkpoint.backbones.
+            tell (GN vs GN+WS, ND vs NDPP; see :func:`~norm_det.weights.backbones.
             infer_scheme`).
         arguments: the backbone's constructor arguments (default: read from the tensors).
     """
@@ -455,8 +455,8 @@ def load_pretrained_backbone(
         scheme: the scheme the model's backbone was built with (``cfg.MODEL.RESNETS.NORM``).
         source_scheme, calibration_images: see :func:`pretrained_reference` and
             :func:`warm_start`.
-        allow_pickle: read a ``.pkl`` file (see :func:`norm_det.checkpoint.io.load_file`).
-        fmt: the file's format (see :func:`~norm_det.checkpoint.formats.read_state_dict`);
+        allow_pickle: read a ``.pkl`` file (see :func:`norm_det.weights.io.load_file`).
+        fmt: the file's format (see :func:`~norm_det.weights.formats.read_state_dict`);
             None recognises it from its keys.
 
     Returns:

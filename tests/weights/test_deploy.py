@@ -9,7 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from norm_det.checkpoint import (
+from norm_det.modeling import VGG16SSD, build_model
+from norm_det.weights import (
     deploy_config,
     export_onnx,
     fuse_weights,
@@ -20,14 +21,13 @@ from norm_det.checkpoint import (
     warm_start,
     write_checkpoint,
 )
-from norm_det.checkpoint.warm_start import backbone_weights
-from norm_det.modeling import VGG16SSD, build_model
-from tests.checkpoint.conftest import (
+from norm_det.weights.warm_start import backbone_weights
+from tests.modeling.tiny import tiny_batch, tiny_cfg
+from tests.weights.conftest import (
     NarrowVGG,
     relative_error,
     torchvision_resnet_features,
 )
-from tests.modeling.tiny import tiny_batch, tiny_cfg
 
 
 def _trained(model: nn.Module, seed: int = 0, size: int = 64) -> nn.Module:

@@ -25,7 +25,7 @@ ResNet, module by module (norm_det / torchvision / detectron2 / mmdet)::
 
 The pre-activation ResNet-V2 (``ResNet(preact=True)``) has modules that only norm_det names
 (the other frameworks' ResNets are post-activation; timm's and BiT's V2 layouts are source
-formats, :mod:`norm_det.checkpoint.sources`): the lone convolutions ``stem.conv1``,
+formats, :mod:`norm_det.weights.sources`): the lone convolutions ``stem.conv1``,
 ``res2.0.conv3`` (``conv2`` in a basic unit) and ``res2.0.shortcut``, and the norms
 ``res2.0.preact.norm`` and ``final.norm``. The lone last convolution is ``{last}``, never
 ``conv1``, so that detectron2's names (``res2.0.conv1``: a conv whose norm is

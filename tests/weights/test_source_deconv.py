@@ -1,9 +1,9 @@
 """The ND++ and ND releases' ImageNet ResNets, read into norm_det's NDPP / ND ResNet.
 
-Each release network (tests/checkpoint/deconv_release_modules.py) gets random weights and random
+Each release network (tests/weights/deconv_release_modules.py) gets random weights and random
 running statistics, is saved as its main_imagenet.py saves it (float32, ``module.`` keys,
 ``{"epoch", "arch", "state_dict", "best_acc1", "optimizer"}``), read back with
-:func:`~norm_det.checkpoint.read_checkpoint` and compared in float64 with norm_det's network.
+:func:`~norm_det.weights.read_checkpoint` and compared in float64 with norm_det's network.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from norm_det.checkpoint import (
+from norm_det.modeling import ResNet
+from norm_det.schemes import get_scheme
+from norm_det.weights import (
     BackboneWeights,
     convert_weights,
     load_pretrained_backbone,
@@ -25,16 +27,14 @@ from norm_det.checkpoint import (
     read_state_dict,
     to_framework,
 )
-from norm_det.checkpoint.sources import source_formats
-from norm_det.modeling import ResNet
-from norm_det.schemes import get_scheme
-from tests.checkpoint.deconv_release_modules import (
+from norm_det.weights.sources import source_formats
+from tests.model_utils import relative_error
+from tests.weights.deconv_release_modules import (
     ChannelDeconvBuffers,
     ReleaseResNet,
     randomize_release,
     save_release_checkpoint,
 )
-from tests.model_utils import relative_error
 
 # The conversions are exact in float64 arithmetic: what remains is rounding (~1e-14), and for
 # ND the float32 rounding of the shortcut weights its BN is folded into (measured 3e-8).

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from norm_det.checkpoint import (
+from norm_det.modeling import VGG16SSD, ResNet
+from norm_det.weights import (
     BackboneWeights,
     read_checkpoint,
     read_state_dict,
     to_framework,
     write_checkpoint,
 )
-from norm_det.checkpoint.backbones import load_backbone_tensors
-from norm_det.modeling import VGG16SSD, ResNet
-from tests.checkpoint.conftest import make_narrow_vgg, randomize_norms, torchvision_resnet_features
+from norm_det.weights.backbones import load_backbone_tensors
+from tests.weights.conftest import make_narrow_vgg, randomize_norms, torchvision_resnet_features
 
 OTHERS = ("norm_det", "detectron2", "mmdet")
 

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from norm_det.checkpoint import (
+from norm_det.config import get_cfg
+from norm_det.modeling import ResNet
+from norm_det.weights import (
     load_pretrained_backbone,
     output_agreement,
     pretrained_reference,
@@ -27,9 +29,9 @@ from norm_det.checkpoint import (
     warm_start,
     write_checkpoint,
 )
-from norm_det.checkpoint.backbones import resnet_arguments
-from norm_det.checkpoint.sources import claimant, source_formats
-from norm_det.checkpoint.sources.timm_models import (
+from norm_det.weights.backbones import resnet_arguments
+from norm_det.weights.sources import claimant, source_formats
+from norm_det.weights.sources.timm_models import (
     BIT_SCHEME,
     NF_RESNET,
     NF_RESNET_SCHEME,
@@ -37,8 +39,6 @@ from norm_det.checkpoint.sources.timm_models import (
     RESNET_GN_SCHEME,
     RESNETV2,
 )
-from norm_det.config import get_cfg
-from norm_det.modeling import ResNet
 
 timm = pytest.importorskip("timm")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from norm_det.checkpoint import read_checkpoint, read_state_dict, save_file, sources
-from norm_det.checkpoint.formats import known_formats
-from norm_det.checkpoint.sources import SourceFormat, unplaced_keys_error
-from norm_det.checkpoint.weights import BackboneWeights
+from norm_det.weights import read_checkpoint, read_state_dict, save_file, sources
+from norm_det.weights.backbone_weights import BackboneWeights
+from norm_det.weights.formats import known_formats
+from norm_det.weights.sources import SourceFormat, unplaced_keys_error
 
 
 def _toy_read(state, source):

@@ -27,7 +27,7 @@ multiplies each group's ``F`` columns. ``S`` is ND++'s scale invariance (``--nor
 layernorm``: ``x / (sigma + eps) - mu / (sigma + eps)`` over each sample, unbiased ``sigma``,
 ``eps`` = the layer's 1e-5; nothing in ND). norm_det's :class:`~norm_det.layers.deconv.
 DeconvConv2d` / ``DeconvLinear`` compute exactly this with the same column layout, so the
-conversion is renames (torchvision's module names, :mod:`~norm_det.checkpoint.keymaps`) and
+conversion is renames (torchvision's module names, :mod:`~norm_det.weights.keymaps`) and
 reshapes: ``running_mean`` -> ``(1, F)``, the matrix -> ``running_deconv`` ``(1, F, F)``.
 
 Where the releases differ from norm_det's ND / NDPP ResNet:
@@ -57,11 +57,11 @@ from typing import Any
 
 import torch
 
-from norm_det.checkpoint.keymaps import namings, split_key
-from norm_det.checkpoint.sources import SourceFormat, register, unplaced_keys_error
-from norm_det.checkpoint.weights import BackboneWeights
 from norm_det.schemes import get_scheme
 from norm_det.surgery import fold_affine_into
+from norm_det.weights.backbone_weights import BackboneWeights
+from norm_det.weights.keymaps import namings, split_key
+from norm_det.weights.sources import SourceFormat, register, unplaced_keys_error
 
 _DATA_PARALLEL = "module."
 # Modules whose presence (with a 2-d whitening matrix) says "this release's ResNet".
@@ -77,7 +77,7 @@ class _Release:
     """What tells one release's files apart and what its layers computed.
 
     Args:
-        name, title: the format's (see :class:`~norm_det.checkpoint.sources.SourceFormat`).
+        name, title: the format's (see :class:`~norm_det.weights.sources.SourceFormat`).
         matrix: the name of the layers' whitening-matrix buffer.
         scheme: the norm_det scheme the layers are.
         options: that scheme's options as the release trained them (block sizes are read from

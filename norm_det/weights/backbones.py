@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from norm_det.checkpoint.keymaps import group_by_module, split_key
 from norm_det.modeling.backbone.resnet import RESNET_SPECS, STAGE_NAMES, ResNet
 from norm_det.modeling.backbone.vgg import VGG16SSD
+from norm_det.weights.keymaps import group_by_module, split_key
 
 _SHOWN_KEYS = 5
 # Tensors of the ImageNet classifier, which norm_det's backbones do not have.

@@ -53,10 +53,10 @@ from collections.abc import Mapping
 
 import torch
 
-from norm_det.checkpoint.keymaps import group_by_module, namings
-from norm_det.checkpoint.sources import SourceFormat, register, unplaced_keys_error
-from norm_det.checkpoint.weights import BackboneWeights
 from norm_det.layers.deconv import resolve_block
+from norm_det.weights.backbone_weights import BackboneWeights
+from norm_det.weights.keymaps import group_by_module, namings
+from norm_det.weights.sources import SourceFormat, register, unplaced_keys_error
 
 _TORCHVISION = namings("torchvision", "resnet")[0]
 

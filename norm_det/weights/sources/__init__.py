@@ -1,6 +1,6 @@
 """Source formats: the layouts of the pretrained files researchers have, read into norm_det.
 
-The framework namings of :mod:`norm_det.checkpoint.keymaps` differ only in module paths. The
+The framework namings of :mod:`norm_det.weights.keymaps` differ only in module paths. The
 papers' releases and the model zoos differ in more: tensor names (Caffe2's
 ``res2_0_branch2a_bn_s``), buffer shapes (the ND++ release's ``running_cov_isqrt``), layers that
 norm_det splits or merges (PWS's ``alpha``), input conventions (a BGR stem). Each is a
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from norm_det.checkpoint.weights import BackboneWeights
+from norm_det.weights.backbone_weights import BackboneWeights
 
 _SHOWN_KEYS = 5
 
