@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from norm_det.layers import deconv as deconv_module
 from norm_det.layers.deconv import (
     DeconvConv2d,
     DeconvConvTranspose2d,
@@ -19,6 +18,7 @@ from norm_det.layers.deconv import (
     sample_standardization,
     standardize,
 )
+from norm_det.layers.deconv import standardization as deconv_module
 from norm_det.schemes import get_scheme
 from norm_det.surgery import convert, fuse
 
