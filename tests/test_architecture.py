@@ -31,6 +31,7 @@ LEVELS = {
     "weights": 3,
     "checkpoint": 3,  # the deprecated name of weights
     "engine": 4,
+    "benchmarks": 4,
     "integrations": 4,
     "mm": 5,
     "model_zoo": 5,

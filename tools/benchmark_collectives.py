@@ -27,9 +27,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from benchmark import PRESETS, scheme_config, synthetic_batch, training_step
 from torch import nn
 
+from norm_det.benchmarks.models import PRESETS, scheme_config, synthetic_batch, training_step
 from norm_det.layers.distributed import send_upper_triangles
 from norm_det.modeling import build_model
 from norm_det.solver import build_optimizer

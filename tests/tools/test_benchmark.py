@@ -1,4 +1,5 @@
-"""tools/benchmark.py and norm_det.utils.benchmark: ratios, verdicts, tables, a tiny run."""
+"""norm_det.benchmarks.models and tools/benchmark.py (norm_det.utils.benchmark): ratios, verdicts,
+tables, a tiny run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import norm_det.benchmarks.models as library
 import tools.benchmark as benchmark
 from norm_det.utils.benchmark import interleaved_times, ratio_summary
 from tests.modeling.tiny import tiny_cfg
@@ -43,7 +45,7 @@ def test_interleaved_rounds_rotate_the_order():
     assert all(len(rounds) == 3 for rounds in times.values())
 
 
-WORKLOAD = benchmark.PRESETS["r50"]["mask_rcnn"]
+WORKLOAD = library.PRESETS["r50"]["mask_rcnn"]
 
 
 def test_training_rows_and_verdicts():
@@ -52,18 +54,18 @@ def test_training_rows_and_verdicts():
         for name, r in (("FrozenBN", 1.0), ("NDPP", 1.2), ("PWS", 1.04), ("GN", 1.3))
     }
     memory = {"FrozenBN": 100 * 2**20, "NDPP": 150 * 2**20, "PWS": None}
-    rows = {row["scheme"]: row for row in benchmark.training_rows(WORKLOAD, timings, memory)}
+    rows = {row["scheme"]: row for row in library.training_rows(WORKLOAD, timings, memory)}
     assert rows["NDPP"]["passed"] is False and rows["NDPP"]["target"] == 1.15
     assert rows["PWS"]["passed"] is True and rows["PWS"]["memory_ratio"] is None
     assert rows["GN"]["passed"] is None  # no target: reported only
     assert rows["NDPP"]["peak_mib"] == 150.0 and rows["NDPP"]["memory_ratio"] == 1.5
-    table = benchmark.training_markdown(WORKLOAD, list(rows.values()))
+    table = library.training_markdown(WORKLOAD, list(rows.values()))
     assert "| NDPP | 120 | 1.20× | 1.20× | 150 | 1.50× | FAIL (≤ 1.15×) |" in table
     assert "| PWS | 104 | 1.04× | 1.04× | — | — | pass (≤ 1.05×) |" in table
     assert "| GN | 130 | 1.30× | 1.30× | — | — | — |" in table
     # The same rule on another architecture has no target.
-    deeplab = benchmark.PRESETS["r50"]["deeplab"]
-    assert benchmark.training_rows(deeplab, {"NDPP": timings["NDPP"]}, {})[0]["passed"] is None
+    deeplab = library.PRESETS["r50"]["deeplab"]
+    assert library.training_rows(deeplab, {"NDPP": timings["NDPP"]}, {})[0]["passed"] is None
 
 
 def test_inference_verdict_is_one_within_three_percent():
@@ -72,10 +74,10 @@ def test_inference_verdict_is_one_within_three_percent():
         for name, r in (("BN", 1.029), ("GN", 1.031), ("CZM", 0.975))
     }
     timings["NDPP"] = {**timings["GN"], "kept": "per-sample input standardization"}
-    rows = benchmark.inference_rows(timings)
+    rows = library.inference_rows(timings)
     verdicts = {row["scheme"]: row["passed"] for row in rows}
     assert verdicts == {"BN": True, "GN": False, "CZM": True, "NDPP": None}
-    table = benchmark.inference_markdown(benchmark.PRESETS["quick"]["deeplab"], rows)
+    table = library.inference_markdown(library.PRESETS["quick"]["deeplab"], rows)
     assert "| — (keeps per-sample input standardization) |" in table
     assert table.count("| pass |") == 2 and table.count("| FAIL |") == 1
 
@@ -91,9 +93,9 @@ def test_inference_verdict_is_one_within_three_percent():
     ],
 )
 def test_fused_models_that_keep_a_per_sample_normalization(tiny_presets, scheme, kept):
-    cfg = benchmark.scheme_config(tiny_presets["deeplab"], scheme, "cpu", inference=True)
-    fused = benchmark.fuse(benchmark.build_model(cfg))
-    assert benchmark.kept_normalization(fused) == kept
+    cfg = library.scheme_config(tiny_presets["deeplab"], scheme, "cpu", inference=True)
+    fused = library.fuse(library.build_model(cfg))
+    assert library.kept_normalization(fused) == kept
 
 
 @pytest.fixture
@@ -102,18 +104,18 @@ def tiny_presets(tmp_path, monkeypatch):
     for arch, meta in (("mask_rcnn", "MaskRCNN"), ("deeplab", "DeepLabV3")):
         path = tmp_path / f"{arch}.yaml"
         path.write_text(tiny_cfg(meta).dump())
-        presets[arch] = replace(benchmark.PRESETS["quick"][arch], config=path, size=64, images=2)
-    monkeypatch.setitem(benchmark.PRESETS, "tiny", presets)
+        presets[arch] = replace(library.PRESETS["quick"][arch], config=path, size=64, images=2)
+    monkeypatch.setitem(library.PRESETS, "tiny", presets)
     return presets
 
 
 def test_fused_model_and_its_plain_twin_compute_the_same(tiny_presets):
     workload = tiny_presets["deeplab"]
-    cfg = benchmark.scheme_config(workload, "PWS", "cpu", inference=True)
-    model = benchmark.build_model(cfg)
-    images, _ = benchmark.synthetic_batch(workload, 4, CPU)
-    fused = benchmark.fuse(model)
-    twin = benchmark.plain_twin(workload, fused, CPU)
+    cfg = library.scheme_config(workload, "PWS", "cpu", inference=True)
+    model = library.build_model(cfg)
+    images, _ = library.synthetic_batch(workload, 4, CPU)
+    fused = library.fuse(model)
+    twin = library.plain_twin(workload, fused, CPU)
     with torch.no_grad():
         expected, got = fused(images)[0]["sem_seg"], twin(images)[0]["sem_seg"]
     assert not any(type(m).__name__ == "PWSConv2d" for m in twin.modules())
@@ -161,7 +163,7 @@ def test_bad_arguments():
 
 
 def test_memory_is_measured_in_a_fresh_process():
-    workload = replace(benchmark.PRESETS["quick"]["deeplab"], size=64, images=2)
+    workload = replace(library.PRESETS["quick"]["deeplab"], size=64, images=2)
     args = benchmark.parse_args(["--preset", "quick", "--threads", "1"])
     peak = benchmark.measure_memory_in_subprocess(workload, "BN", args)
     # A training step of the narrow DeepLab on 2 images of 64x64 holds a few MiB of
@@ -171,15 +173,15 @@ def test_memory_is_measured_in_a_fresh_process():
 
 def test_gn_twin_keeps_its_own_weights_and_work_is_counted(tiny_presets):
     workload = tiny_presets["mask_rcnn"]
-    cfg = benchmark.scheme_config(workload, "GN", "cpu", inference=True)
-    fused = benchmark.fuse(benchmark.build_model(cfg))
-    twin = benchmark.plain_twin(workload, fused, CPU)
+    cfg = library.scheme_config(workload, "GN", "cpu", inference=True)
+    fused = library.fuse(library.build_model(cfg))
+    twin = library.plain_twin(workload, fused, CPU)
     conv = "backbone.body.stem.conv1.conv.weight"
     assert not torch.equal(twin.state_dict()[conv], fused.state_dict()[conv])
-    images, _ = benchmark.synthetic_batch(workload, 3, CPU)
+    images, _ = library.synthetic_batch(workload, 3, CPU)
     # No score threshold and no NMS: both return the cap of 100 detections per image.
-    assert benchmark.work_done(benchmark.inference_step(fused, images)()) == 200
-    assert benchmark.work_done(benchmark.inference_step(twin, images)()) == 200
+    assert library.work_done(library.inference_step(fused, images)()) == 200
+    assert library.work_done(library.inference_step(twin, images)()) == 200
 
 
 _PEAK_CHILD = """
@@ -200,7 +202,7 @@ def test_peak_resident_sees_a_step_allocation_in_a_fresh_process():
     # In a fresh process, with large blocks handed back to the system when freed (the memory
     # children's setting), the step's 64 MiB shows in the high-water mark and an empty step
     # shows (almost) nothing; the test process's own heap history cannot leak in.
-    env = {**os.environ, **benchmark.MEMORY_CHILD_ENV, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **library.MEMORY_CHILD_ENV, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-c", _PEAK_CHILD], capture_output=True, text=True, env=env, check=True
     )
