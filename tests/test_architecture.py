@@ -28,6 +28,7 @@ LEVELS = {
     "evaluation": 3,
     "solver": 3,
     "diagnostics": 3,
+    "studies": 3,
     "weights": 3,
     "checkpoint": 3,  # the deprecated name of weights
     "engine": 4,
