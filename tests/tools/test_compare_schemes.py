@@ -8,6 +8,7 @@ import pytest
 
 import tools.compare_schemes as compare
 from norm_det.config import CONFIGS_DIR
+from norm_det.studies import comparison
 
 
 def _write_run(directory, losses, box_ap, mask_ap, time=0.5):
@@ -47,13 +48,13 @@ def two_runs(tmp_path):
 
 
 def test_curves_and_summary_from_metrics(two_runs):
-    records = compare.read_metrics(two_runs / "mask_rcnn_ndpp" / "metrics.jsonl")
-    series = compare.curves(records)
+    records = comparison.read_metrics(two_runs / "mask_rcnn_ndpp" / "metrics.jsonl")
+    series = comparison.curves(records)
     assert series["total_loss"] == [(10, 2.0), (20, 1.0), (30, 0.5)]
     assert series["bbox/AP"] == [(15, 10.0), (30, 30.0)]
     assert series["segm/AP"] == [(15, 12.0), (30, 35.0)]
     assert "bbox/APl" not in series  # only headline metrics, and null values are dropped
-    row = compare.summarize("NDPP", records, wall_time=90.0)
+    row = comparison.summarize("NDPP", records, wall_time=90.0)
     assert row == {
         "run": "NDPP",
         "iterations": 30,
@@ -70,14 +71,14 @@ def test_curves_and_summary_from_metrics(two_runs):
 
 def test_markdown_table(two_runs):
     rows = [
-        compare.summarize(
-            "NDPP", compare.read_metrics(two_runs / "mask_rcnn_ndpp/metrics.jsonl"), 90.0
+        comparison.summarize(
+            "NDPP", comparison.read_metrics(two_runs / "mask_rcnn_ndpp/metrics.jsonl"), 90.0
         ),
-        compare.summarize(
-            "GN", compare.read_metrics(two_runs / "mask_rcnn_gn/metrics.jsonl"), None
+        comparison.summarize(
+            "GN", comparison.read_metrics(two_runs / "mask_rcnn_gn/metrics.jsonl"), None
         ),
     ]
-    assert compare.markdown_table(rows).splitlines() == [
+    assert comparison.markdown_table(rows).splitlines() == [
         "| run | iterations | final loss | final box AP | best box AP | final mask AP "
         "| best mask AP | s / iter | training min |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -90,11 +91,11 @@ def test_plot_has_a_panel_per_metric(two_runs, tmp_path):
     import matplotlib.image
 
     runs = {
-        label: compare.read_metrics(two_runs / stem / "metrics.jsonl")
+        label: comparison.read_metrics(two_runs / stem / "metrics.jsonl")
         for label, stem in (("NDPP", "mask_rcnn_ndpp"), ("GN", "mask_rcnn_gn"))
     }
     path = tmp_path / "plots" / "curves.png"
-    assert compare.plot_curves(runs, path) == ["total_loss", "bbox/AP", "segm/AP"]
+    assert comparison.plot_curves(runs, path) == ["total_loss", "bbox/AP", "segm/AP"]
     height, width = matplotlib.image.imread(path).shape[:2]
     assert width > 2.5 * height  # three panels side by side
 
@@ -121,13 +122,13 @@ def test_main_without_training_reads_finished_runs(two_runs, capsys):
 
 
 def test_quick_configs_labels_and_schedule():
-    assert compare.quick_config_for("GN+WS") == CONFIGS_DIR / "quick" / "mask_rcnn_gn_ws.yaml"
-    assert compare.quick_config_for("nd++").name == "mask_rcnn_ndpp.yaml"
-    assert compare.run_label(compare.quick_config_for("PWS")) == "PWS"
+    assert comparison.quick_config_for("GN+WS") == CONFIGS_DIR / "quick" / "mask_rcnn_gn_ws.yaml"
+    assert comparison.quick_config_for("nd++").name == "mask_rcnn_ndpp.yaml"
+    assert comparison.run_label(comparison.quick_config_for("PWS")) == "PWS"
     with pytest.raises(ValueError, match=r"quick mask_rcnn configs exist for: .*gn_ws"):
-        compare.quick_config_for("FrozenBN")
-    opts = compare.schedule_overrides(
-        compare.quick_config_for("BN"), iters=100, eval_period=25, seed=3, log_period=5
+        comparison.quick_config_for("FrozenBN")
+    opts = comparison.schedule_overrides(
+        comparison.quick_config_for("BN"), iters=100, eval_period=25, seed=3, log_period=5
     )
     pairs = dict(zip(opts[::2], opts[1::2]))
     # The quick schedule (200 iterations, step at 160, 50 warmup) at half length.
@@ -144,8 +145,8 @@ def test_quick_configs_labels_and_schedule():
 
 def test_bad_metrics_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics file"):
-        compare.read_metrics(tmp_path / "missing.jsonl")
+        comparison.read_metrics(tmp_path / "missing.jsonl")
     bad = tmp_path / "metrics.jsonl"
     bad.write_text('{"iteration": 1}\nnot json\n')
     with pytest.raises(ValueError, match="line 2: not JSON"):
-        compare.read_metrics(bad)
+        comparison.read_metrics(bad)

@@ -1,4 +1,5 @@
-"""tools/compare_schemes.py over seeds and sweeps: intervals, paired differences, reuse, failures.
+"""tools/compare_schemes.py and norm_det.studies.comparison over seeds and sweeps: intervals,
+paired differences, reuse, failures.
 
 Training is replaced by a fake that writes the files a run leaves, so the sweep logic (which
 runs, where, what is reused, what a failure or a divergence does to the table) runs in
@@ -15,6 +16,7 @@ import pytest
 import tools.compare_schemes as compare
 from norm_det.config import CONFIGS_DIR
 from norm_det.evaluation.statistics import interval, paired_difference, t_quantile
+from norm_det.studies import comparison
 
 BASE = CONFIGS_DIR / "studies" / "Base-Study.yaml"
 
@@ -49,13 +51,13 @@ def test_paired_differences_use_the_common_seeds():
 
 
 def test_seed_lists():
-    assert compare.seed_list(None, 42) == [42]
-    assert compare.seed_list([3], 42) == [1, 2, 3]
-    assert compare.seed_list([5, 7], 42) == [5, 7]
+    assert comparison.seed_list(None, 42) == [42]
+    assert comparison.seed_list([3], 42) == [1, 2, 3]
+    assert comparison.seed_list([5, 7], 42) == [5, 7]
     with pytest.raises(ValueError, match="repeat"):
-        compare.seed_list([5, 5], 42)
+        comparison.seed_list([5, 5], 42)
     with pytest.raises(ValueError, match=">= 1"):
-        compare.seed_list([0], 42)
+        comparison.seed_list([0], 42)
 
 
 class FakeTraining:
@@ -102,7 +104,7 @@ def test_a_sweep_over_seeds_reuses_runs_and_reports_failures(tmp_path, monkeypat
         return 40.0 + 5 * (seed - 2) - (20.0 if scheme == "BN" and batch == 1 else 0.0)
 
     fake = FakeTraining(ap, diverge={("GN", 3, 4)}, crash={("BN", 2, 4)})
-    monkeypatch.setattr(compare, "train", fake)
+    monkeypatch.setattr(comparison, "train", fake)
     assert compare.main(_sweep(tmp_path)) == 1  # a failed run: reported, the others stand
     out = capsys.readouterr().out
     assert len(fake.calls) == 12
@@ -134,7 +136,7 @@ def test_a_sweep_over_seeds_reuses_runs_and_reports_failures(tmp_path, monkeypat
 
 def test_an_interrupted_run_resumes(tmp_path, monkeypatch):
     fake = FakeTraining(lambda *_: 10.0)
-    monkeypatch.setattr(compare, "train", fake)
+    monkeypatch.setattr(comparison, "train", fake)
     half_done = tmp_path / "Base-Study_bn" / "SOLVER.IMS_PER_BATCH=1" / "seed_1"
     half_done.mkdir(parents=True)
     (half_done / "model_0000100.pth").write_bytes(b"")
@@ -164,7 +166,7 @@ def test_images_per_pass_sweeps_the_batch_a_norm_sees_all_else_equal(tmp_path, m
         seen.append((pairs.get("SOLVER.IMS_PER_BATCH"), pairs["SOLVER.ACCUMULATE_STEPS"]))
         return fake(config, output_dir, opts, extra_args, threads)
 
-    monkeypatch.setattr(compare, "train", train)
+    monkeypatch.setattr(comparison, "train", train)
     arguments = ["--base", str(BASE), "--schemes", "BN", "--seeds", "1", "--output-dir",
                  str(tmp_path), "--sweep", "IMAGES_PER_PASS"]  # fmt: skip
     assert compare.main([*arguments, "1", "2", "4"]) == 0
@@ -193,7 +195,7 @@ def test_a_run_without_predictions_scores_zero_and_a_layer_nan_is_a_divergence(
         (output_dir / "stdout.txt").write_text("ok")
         return 1.0
 
-    monkeypatch.setattr(compare, "train", train)
+    monkeypatch.setattr(comparison, "train", train)
     arguments = ["--base", str(BASE), "--schemes", "NDPP", "--seeds", "3",
                  "--output-dir", str(tmp_path), "--json", str(tmp_path / "rows.json")]  # fmt: skip
     assert compare.main(arguments) == 0
