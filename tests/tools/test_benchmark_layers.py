@@ -1,10 +1,11 @@
-"""tools/benchmark_layers.py: the time budget attributes a step's profiled time to components."""
+"""norm_det.benchmarks.layers (tools/benchmark_layers.py): the time budget attributes a step's
+profiled time to components."""
 
 from __future__ import annotations
 
 import torch
 
-import tools.benchmark_layers as benchmark_layers
+import norm_det.benchmarks.layers as benchmark_layers
 
 
 def budget_of(scheme: str | None) -> dict[str, float]:
