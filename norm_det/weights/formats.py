@@ -56,11 +56,15 @@ _SHOWN_KEYS = 5
 
 def _unwrap(obj: Any, source: str) -> tuple[Mapping[str, Any], str | None, dict[str, Any]]:
     """``(state dict, framework the container suggests, meta)`` of a loaded file."""
-    state, hint, meta = _container(obj, source)
-    # Saved from a DistributedDataParallel wrapper.
+    return _container(obj, source)
+
+
+def _without_data_parallel(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state`` without the ``module.`` that a (Distributed)DataParallel wrapper puts before
+    every key (the papers' releases save their models wrapped)."""
     if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state, hint, meta
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return state
 
 
 def _container(obj: Any, source: str) -> tuple[Mapping[str, Any], str | None, dict[str, Any]]:
@@ -210,6 +214,7 @@ def read_state_dict(
     """
     from norm_det.weights.sources import claimant, source_formats
 
+    state = _without_data_parallel(state)
     tensors = {key: to_tensor(value, key, source) for key, value in state.items()}
     if fmt is not None and fmt not in FRAMEWORKS:
         if fmt not in source_formats():

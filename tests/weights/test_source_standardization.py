@@ -103,9 +103,9 @@ def test_iternorm_release_training_checkpoint_and_fmt(iternorm_release, x, tmp_p
 def test_iternorm_release_with_module_prefix_and_small_groups(x):
     # Groups of 16 channels (4 in the stem): norm_det's IterNorm takes the release's group size.
     release = make_iternorm_release(18, num_channels=16, seed=1).double()
-    state = {f"module.{k}": v for k, v in release.state_dict().items()}
-    assert claims_iternorm_release(state)
-    weights = read_state_dict(state)
+    assert claims_iternorm_release(release.state_dict())
+    # read_state_dict strips a DataParallel model's "module." before any format claims it.
+    weights = read_state_dict({f"module.{k}": v for k, v in release.state_dict().items()})
     assert weights.scheme == "IterNorm(group_channels=16, iters=5)"
     assert weights.tensors["stem.conv1.norm.running_wm"].shape == (4, 16, 16)
     assert _worst_error(release, _iternorm_reference(weights), x) < EXACT

@@ -39,7 +39,8 @@ class SourceFormat:
         name: what ``--from`` and ``MODEL.WEIGHTS_FORMAT`` call it (``"ndpp-release"``).
         title: the source in words, for messages and docs (the repository or zoo).
         claims: whether a state dict (key -> tensor) is in this layout, from its keys (and
-            shapes): cheap, and specific enough never to claim another format's files.
+            shapes): cheap, and specific enough never to claim another format's files. It sees
+            the keys without a DataParallel wrapper's ``module.`` (read_state_dict strips it).
         read: ``(state, source) -> BackboneWeights``: every tensor under norm_det's names (or
             an error naming the first keys it cannot place, ``source`` naming the file), the
             scheme in ``meta["scheme"]`` and any shape the tensors do not tell in

@@ -63,7 +63,6 @@ from norm_det.weights.backbone_weights import BackboneWeights
 from norm_det.weights.keymaps import namings, split_key
 from norm_det.weights.sources import SourceFormat, register, unplaced_keys_error
 
-_DATA_PARALLEL = "module."
 # Modules whose presence (with a 2-d whitening matrix) says "this release's ResNet".
 _PROBES = ("conv1", "layer1.0.conv1")
 _BN_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
@@ -93,16 +92,11 @@ class _Release:
     head_modules: tuple[str, ...] = ()
 
 
-def _data_parallel_prefix(state: Mapping[str, torch.Tensor]) -> str:
-    return _DATA_PARALLEL if state and all(k.startswith(_DATA_PARALLEL) for k in state) else ""
-
-
 def _claims(release: _Release) -> Callable[[Mapping[str, torch.Tensor]], bool]:
     def claims(state: Mapping[str, torch.Tensor]) -> bool:
         """The stem and the first block's conv hold this release's 2-d whitening matrix."""
-        prefix = _data_parallel_prefix(state)
         for module in _PROBES:
-            matrix = state.get(f"{prefix}{module}.{release.matrix}")
+            matrix = state.get(f"{module}.{release.matrix}")
             if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
                 return False
         return True
@@ -163,11 +157,10 @@ def _block(tensors: Mapping[str, torch.Tensor], fc: bool) -> int | None:
 def _read(release: _Release, state: Mapping[str, torch.Tensor], source: str) -> BackboneWeights:
     """Every tensor of a release's state dict under norm_det's names, or the error naming the
     first keys that have no place (``source`` names the file)."""
-    prefix = _data_parallel_prefix(state)
     naming = namings("torchvision", "resnet")[0]
     by_module: dict[str, dict[str, str]] = {}  # module -> tensor name -> the file's key
     for key in state:
-        module, name = split_key(key[len(prefix) :])
+        module, name = split_key(key)
         by_module.setdefault(module, {})[name] = key
     placeable = {release.matrix, "weight", "bias", "running_mean"}
     tensors: dict[str, torch.Tensor] = {}
@@ -203,7 +196,6 @@ def _read(release: _Release, state: Mapping[str, torch.Tensor], source: str) -> 
         arch="resnet",
         tensors=tensors,
         framework=release.name,
-        prefix=prefix,
         meta={"scheme": str(get_scheme(release.scheme, **options))},
         naming=release.name,
     )

@@ -69,7 +69,6 @@ ITERNORM_TITLE = "the IterNorm release (huangleiBuaa/IterNorm-pytorch)"
 _BN_EPS = 1e-5
 _ITERNORM_ITERS = 5
 _ITERNORM_GROUP = 64  # the release's num_channels, when the file has no IterNorm to tell
-_ITERNORM_PREFIXES = ("", "module.")
 _BN_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 _ITERNORM_TENSORS = {"weight", "bias", "running_mean", "running_wm"}
 
@@ -88,10 +87,7 @@ def _is_release_iternorm(state: Mapping[str, torch.Tensor], module: str) -> bool
 
 def claims_iternorm_release(state: Mapping[str, torch.Tensor]) -> bool:
     """A torchvision-named ResNet whose stem norm ``bn1`` is the release's IterNorm."""
-    return any(
-        _is_release_iternorm(state, f"{prefix}bn1") and f"{prefix}layer1.0.conv1.weight" in state
-        for prefix in _ITERNORM_PREFIXES
-    )
+    return _is_release_iternorm(state, "bn1") and "layer1.0.conv1.weight" in state
 
 
 def _regroup(blocks: torch.Tensor, group: int, key: str, source: str) -> torch.Tensor:
@@ -171,11 +167,10 @@ def read_iternorm_release(state: Mapping[str, torch.Tensor], source: str) -> Bac
         ValueError: keys that are not the release's (naming the first), or a group size
             norm_det's IterNorm cannot hold.
     """
-    prefix = _prefix_of(state, _ITERNORM_PREFIXES, "conv1.weight")
-    local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    local = state  # (read_state_dict has stripped a DataParallel model's ``module.``)
     # Keys of no known module or tensor name come first in the error, then those of modules
     # that lack a tensor (a BN without running_var cannot become a whitening).
-    unknown = [k for k in state if not k.startswith(prefix)]
+    unknown: list[str] = []
     incomplete: list[str] = []
     modules = group_by_module(list(local))
     whitening_groups = [
@@ -191,10 +186,10 @@ def read_iternorm_release(state: Mapping[str, torch.Tensor], source: str) -> Bac
         is_norm = target is not None and target.endswith((".norm", "last_bn"))
         allowed = _BN_TENSORS | _ITERNORM_TENSORS if is_norm else {"weight", "bias"}
         names = all_names & allowed if target is not None else set()
-        unknown += [f"{prefix}{module}.{n}" for n in sorted(all_names - names)]
+        unknown += [f"{module}.{n}" for n in sorted(all_names - names)]
         if not names:
             continue
-        keys = [f"{prefix}{module}.{name}" for name in sorted(names)]
+        keys = [f"{module}.{name}" for name in sorted(names)]
         release_iternorm = names == _ITERNORM_TENSORS and _is_release_iternorm(local, module)
         if target == "last_bn":
             fold_last_bn = release_iternorm and {"fc.weight", "fc.bias"} <= local.keys()
