@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from norm_det.layers.checks import check_fraction, check_positive
 from norm_det.layers.group_norm import DEFAULT_GROUPS, resolve_groups
 
 
@@ -84,10 +85,8 @@ class BatchChannelNorm2d(nn.Module):
         strict: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"BatchChannelNorm2d: momentum is {momentum}; expected in [0, 1]")
-        if not eps > 0:
-            raise ValueError(f"BatchChannelNorm2d: eps is {eps}; expected > 0")
+        check_fraction("BatchChannelNorm2d", "momentum", momentum)
+        check_positive("BatchChannelNorm2d", "eps", eps)
         self.num_channels = num_channels
         self.num_groups = resolve_groups(
             num_channels, groups, strict, "BatchChannelNorm2d", ("BCN+WS",)

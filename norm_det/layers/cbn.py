@@ -72,6 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from norm_det.layers.checks import check_fraction, check_integer, check_positive
+
 
 class _PastIteration(NamedTuple):
     """What one iteration leaves for the next ``k - 1``: all detached, per channel ``(C,)``.
@@ -84,18 +86,6 @@ class _PastIteration(NamedTuple):
     mean: torch.Tensor
     var: torch.Tensor
     taylor: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def check_integer(owner: str, arg: str, value: object, low: int) -> None:
-    """``ValueError`` naming ``owner`` and ``arg`` unless ``value`` is an int ``>= low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{owner}: {arg} must be an integer >= {low}; got {value!r}")
-
-
-def check_fraction(owner: str, arg: str, value: float) -> None:
-    """``ValueError`` naming ``owner`` and ``arg`` unless ``0 <= value <= 1``."""
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{owner}: {arg} must be in [0, 1]; got {value!r}")
 
 
 def register_affine(module: nn.Module, num_features: int, affine: bool, **factory) -> None:
@@ -154,8 +144,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         check_integer(name, "window", window, 1)
         check_integer(name, "burnin", burnin, 0)
         check_fraction(name, "momentum", momentum)
-        if not eps > 0:
-            raise ValueError(f"{name}: eps must be > 0; got {eps!r}")
+        check_positive(name, "eps", eps)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.window = window

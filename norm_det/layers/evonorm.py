@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from norm_det.layers.checks import check_integer, check_positive
 from norm_det.layers.group_norm import DEFAULT_GROUPS, resolve_groups
 from norm_det.layers.row_blocks import (
     block_scratch,
@@ -419,10 +420,8 @@ class _EvoNorm(nn.Module):
     def __init__(self, num_channels: int, eps: float, activation: bool) -> None:
         super().__init__()
         name = type(self).__name__
-        if num_channels < 1:
-            raise ValueError(f"{name}: num_channels must be >= 1; got {num_channels}")
-        if not eps > 0:
-            raise ValueError(f"{name}: eps must be > 0; got {eps}")
+        check_integer(name, "num_channels", num_channels, 1)
+        check_positive(name, "eps", eps)
         self.num_channels = num_channels
         self.eps = eps
         self.activation = activation

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from norm_det.layers.checks import check_integer, check_positive
 from norm_det.layers.row_blocks import (
     block_scratch,
     blocks,
@@ -209,10 +210,8 @@ class FilterResponseNorm2d(nn.Module):
         activation: bool = True,
     ) -> None:
         super().__init__()
-        if num_channels < 1:
-            raise ValueError(f"FilterResponseNorm2d: num_channels must be >= 1; got {num_channels}")
-        if not eps > 0:
-            raise ValueError(f"FilterResponseNorm2d: eps must be > 0; got {eps}")
+        check_integer("FilterResponseNorm2d", "num_channels", num_channels, 1)
+        check_positive("FilterResponseNorm2d", "eps", eps)
         self.num_channels = num_channels
         self.eps = eps
         self.learnable_eps = learnable_eps

@@ -57,7 +57,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from norm_det.layers.cbn import check_fraction, check_integer, register_affine
+from norm_det.layers.cbn import register_affine
+from norm_det.layers.checks import check_fraction, check_integer, check_positive
 from norm_det.layers.weight_std import plain_conv_like
 
 
@@ -179,8 +180,7 @@ class MovingAverageBatchNorm2d(nn.Module):
         check_fraction(name, "backward_momentum", backward_momentum)
         if renorm_clip is not None and not renorm_clip >= 1.0:
             raise ValueError(f"{name}: renorm_clip must be >= 1 or None; got {renorm_clip!r}")
-        if not eps > 0:
-            raise ValueError(f"{name}: eps must be > 0; got {eps!r}")
+        check_positive(name, "eps", eps)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from norm_det.layers.checks import check_positive
 from norm_det.layers.weight_std import parametric_standardize_filters, plain_conv_like
 
 # gamma_g = 1 / sqrt(Var[g(z)]), z ~ N(0, 1) (see the module docstring).
@@ -141,9 +142,8 @@ class ScaledStdConv2d(nn.Conv2d):
         padding_mode: str = "zeros",
         eps: float = 1e-6,
     ) -> None:
-        if not eps > 0:
-            # 0 would turn a constant filter (a zero-initialised one) into NaN.
-            raise ValueError(f"ScaledStdConv2d: eps is {eps}; expected > 0")
+        # 0 would turn a constant filter (a zero-initialised one) into NaN.
+        check_positive("ScaledStdConv2d", "eps", eps)
         super().__init__(
             in_channels,
             out_channels,

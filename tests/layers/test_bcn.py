@@ -168,9 +168,9 @@ def test_groups_and_bad_arguments() -> None:
         ValueError, match=r"4 groups do not divide 6 channels.*'BCN\+WS\(groups=3\)'"
     ):
         BatchChannelNorm2d(6, groups=4)
-    with pytest.raises(ValueError, match=r"momentum is 1.5; expected in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]; got 1.5"):
         BatchChannelNorm2d(6, groups=3, momentum=1.5)
-    with pytest.raises(ValueError, match=r"eps is 0; expected > 0"):
+    with pytest.raises(ValueError, match=r"eps must be > 0; got 0"):
         BatchChannelNorm2d(6, groups=3, eps=0)
     with pytest.raises(ValueError, match=r"expected \(N, 6, H, W\) input; got \(2, 5, 3, 3\)"):
         BatchChannelNorm2d(6, groups=3)(torch.zeros(2, 5, 3, 3))

@@ -291,7 +291,9 @@ def test_bad_arguments_are_named():
         EvoNormB0(4, momentum=1.5)
     with pytest.raises(ValueError, match=r"^EvoNormS0: eps must be > 0; got -1"):
         EvoNormS0(4, groups=2, eps=-1)
-    with pytest.raises(ValueError, match=r"^EvoNormB0: num_channels must be >= 1; got 0"):
+    with pytest.raises(
+        ValueError, match=r"^EvoNormB0: num_channels must be an integer >= 1; got 0"
+    ):
         EvoNormB0(0)
     with pytest.raises(ValueError, match=r"^EvoNormS0: groups must be >= 1; got 0"):
         EvoNormS0(4, groups=0)

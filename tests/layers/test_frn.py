@@ -152,7 +152,7 @@ def test_traced_module_computes_the_same():
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"FilterResponseNorm2d: eps must be > 0; got 0"):
         FilterResponseNorm2d(4, eps=0)
-    with pytest.raises(ValueError, match=r"num_channels must be >= 1; got 0"):
+    with pytest.raises(ValueError, match=r"num_channels must be an integer >= 1; got 0"):
         FilterResponseNorm2d(0)
     with pytest.raises(ValueError, match=r"expected \(N, 4, H, W\) input; got \(2, 3, 5, 5\)"):
         FilterResponseNorm2d(4)(torch.randn(2, 3, 5, 5))

@@ -170,7 +170,7 @@ def test_scaled_activation_computes_gamma_times_g() -> None:
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match=r"activation is 'tanh'.*'gelu', 'relu', 'silu'"):
         ScaledActivation("tanh")
-    with pytest.raises(ValueError, match=r"ScaledStdConv2d: eps is 0; expected > 0"):
+    with pytest.raises(ValueError, match=r"ScaledStdConv2d: eps must be > 0; got 0"):
         ScaledStdConv2d(2, 2, 1, eps=0)
 
 
