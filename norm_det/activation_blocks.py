@@ -17,13 +17,13 @@ exactly the framework's function.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from norm_det.schemes import carries_activation
+from norm_det.utils.runtime_classes import made_class
 
 __all__ = [
     "ACTIVATED_NORMS",
@@ -145,30 +145,18 @@ class _LeavesOutCarriedReLUs:
         shortcut = getattr(self, units.shortcut, None)
         return F.relu(out + (x if shortcut is None else shortcut(x)))
 
-    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
-        # The class is made at run time: pickle (and deepcopy) name the framework's class.
-        return _rebuild, (self._model_class,), self.__dict__
-
-
-_FORMS: dict[type, type] = {}
-
 
 def _leaving_out(model_class: type[nn.Module]) -> type[nn.Module]:
-    if model_class not in _FORMS:
-        _FORMS[model_class] = type(
-            model_class.__name__,
-            (_LeavesOutCarriedReLUs, model_class),
-            {
-                "__module__": __name__,
-                "__doc__": model_class.__doc__,
-                "_units": _units_of_class(model_class),
-                "_model_class": model_class,
-            },
-        )
-    return _FORMS[model_class]
+    return made_class(
+        _LeavesOutCarriedReLUs,
+        model_class,
+        _units=_units_of_class(model_class),
+        _model_class=model_class,
+    )
 
 
 def _rebuild(model_class: type[nn.Module]) -> nn.Module:
+    # Loads the blocks pickled before made_class named the classes.
     cls = _leaving_out(model_class)
     return cls.__new__(cls)
 

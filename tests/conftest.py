@@ -8,6 +8,13 @@ import torch
 
 os.environ.setdefault("NORM_DET_DATASETS", os.path.join(os.path.dirname(__file__), ".datasets"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per pytest-xdist worker (and per process it starts): OpenMP workers of
+    # several processes that share the cores spin against each other (20-30x slower).
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

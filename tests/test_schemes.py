@@ -15,6 +15,7 @@ from norm_det.schemes import (
     parse_scheme_spec,
     predictor_scheme,
     register_scheme,
+    scheme_options,
 )
 
 
@@ -126,3 +127,29 @@ def test_where_each_scheme_puts_its_layers(name):
     )
     image = image_conv_scheme(name)
     assert image.name == ("none" if name == "CZM" else name)
+
+
+def test_nd_is_ndpp_without_scale_invariance():
+    nd, ndpp = scheme_options("ND"), scheme_options("NDPP")
+    assert list(ndpp) == [*nd, "scale_invariance"]
+    assert ndpp == {**nd, "scale_invariance": "layernorm"}
+    a = get_scheme("ND(block=32, stride=3, sync=False)")
+    b = get_scheme("NDPP(block=32, stride=3, sync=False, scale_invariance='none')")
+    for layer in ("conv", "linear", "conv_transpose"):
+        built, reference = getattr(a, layer), getattr(b, layer)
+        assert built.func is reference.func and built.keywords == reference.keywords
+    assert a.conv.keywords["scale_invariance"] == "none" and a.linear.keywords["block"] == 256
+    assert a.replaces_predictors and a.norm is None and a.replaces_lone_convs
+    with pytest.raises(ValueError, match="scheme 'ND' has no option 'scale_invariance'"):
+        get_scheme("ND(scale_invariance='layernorm')")
+
+
+def test_the_package_registers_on_import_and_keeps_its_names():
+    from norm_det import schemes
+    from norm_det.schemes import builders, registry
+
+    assert schemes._REGISTRY is registry._REGISTRY
+    assert set(schemes.scheme_papers()) >= {"BN", "GN", "ND", "NDPP", "PWS", "CZM"}
+    assert schemes._DEFAULT_GROUPS == 32 and isinstance(schemes._DEFAULT_GROUPS, int)
+    for name in schemes.__all__:
+        assert any(getattr(m, name, None) is getattr(schemes, name) for m in (builders, registry))

@@ -34,27 +34,18 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from norm_det.weights import (
-    FRAMEWORKS,
-    BackboneWeights,
-    deploy_config,
-    export_onnx,
-    fuse_weights,
-    inexact_layers,
-    load_file,
-    load_pretrained_backbone,
-    output_agreement,
-    pretrained_reference,
-    read_checkpoint,
-    save_file,
-    write_checkpoint,
+from norm_det.weights import FRAMEWORKS, read_checkpoint, write_checkpoint
+from norm_det.weights.conversion import (
+    describe_checkpoint,
+    export_model_onnx,
+    finish_backbone,
+    model_from_config,
+    read_calibration_images,
+    save_model,
+    warm_start_backbone,
+    warm_start_model_backbone,
 )
-from norm_det.weights.backbones import infer_scheme
-from norm_det.weights.deploy import fused_copy
 from norm_det.weights.formats import known_formats
-from norm_det.weights.warm_start import backbone_weights, warm_start
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,117 +114,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _calibration_images(path: str | None) -> torch.Tensor | None:
-    if path is None:
-        return None
-    images = load_file(path)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        found = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(
-            f"--calibration-images '{path}' must hold one (N, 3, H, W) tensor; found {found}"
-        )
-    return images.float()
-
-
-def _warm_start(
-    weights: BackboneWeights, args: argparse.Namespace, images: torch.Tensor | None
-) -> BackboneWeights:
-    reference = pretrained_reference(weights, args.source_scheme)
-    converted = warm_start(reference, args.scheme, calibration_images=images)
-    probe = images if images is not None else torch.randn(2, 3, 224, 224)
-    where = "the calibration images" if images is not None else "2 random 224x224 inputs"
-    agreement = output_agreement(reference, converted, probe)
-    source = args.source_scheme or weights.scheme or infer_scheme(weights.tensors)
-    print(
-        f"warm start {source} -> {args.scheme}: outputs differ by {agreement['relative_l2']:.2e} "
-        f"(relative L2), cosine {agreement['cosine']:.4f}, on {where} in eval mode"
-    )
-    return backbone_weights(converted, weights, args.scheme)
+def _calibration_images(path: str | None):
+    return read_calibration_images(path, source=f"--calibration-images '{path}'")
 
 
 def convert_backbone(args: argparse.Namespace) -> None:
     weights = read_checkpoint(args.src, allow_pickle=args.allow_pickle, fmt=args.source_format)
-    print(
-        f"read {len(weights.tensors)} {weights.arch.upper()} backbone tensors from {args.src} "
-        f"({weights.naming}"
-        + (f" under {weights.prefix!r}" if weights.prefix else "")
-        + (f", {len(weights.others)} more outside the backbone" if weights.others else "")
-        + ")"
-    )
+    print(f"read {describe_checkpoint(weights, args.src)}")
     if args.scheme:
-        weights = _warm_start(weights, args, _calibration_images(args.calibration_images))
+        images = _calibration_images(args.calibration_images)
+        started = warm_start_backbone(
+            weights, args.scheme, source_scheme=args.source_scheme, calibration_images=images
+        )
+        print(f"warm start {started.source_scheme} -> {args.scheme}: {started.describe()}")
+        weights = started.weights
         args.source_scheme = None  # the converted weights record their scheme
     elif args.calibration_images:
         raise ValueError("--calibration-images calibrates a --scheme conversion; give --scheme")
+    weights = finish_backbone(
+        weights, fuse=args.fuse, source_scheme=args.source_scheme, allow_inexact=args.allow_inexact
+    )
     if args.fuse:
-        weights = fuse_weights(
-            weights, source_scheme=args.source_scheme, allow_inexact=args.allow_inexact
-        )
         print(f"fused into plain layers (norm_det models load them with {weights.scheme})")
         if weights.others and args.to == weights.framework:
             print(
                 f"note: the {len(weights.others)} tensors outside the backbone are written "
                 "unchanged, not fused; --config-file fuses a whole norm_det model"
             )
-    elif args.source_scheme and not weights.scheme:
-        weights.meta["scheme"] = args.source_scheme
     path = write_checkpoint(weights, args.dst, args.to, drop_unmapped=args.drop_unmapped)
     print(f"wrote {path} ({args.to})")
-
-
-def _backbone_scheme(cfg, arch: str) -> str:
-    return cfg.MODEL.RESNETS.NORM if arch == "resnet" else cfg.MODEL.VGG.NORM
 
 
 def convert_model(args: argparse.Namespace) -> None:
     """A whole model from its config: fused weights, an ONNX file, or (from a backbone
     checkpoint) the model's initialization with its backbone warm-started."""
-    from norm_det.config import get_cfg
     from norm_det.engine.checkpointer import Checkpointer
-    from norm_det.modeling import build_model
 
     if args.scheme or args.to != "norm_det":
         raise ValueError(
             "--config-file writes a whole norm_det model (--to norm_det) in the config's schemes; "
             "to convert a backbone to another scheme or framework leave --config-file out"
         )
-    cfg = get_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
-    cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg).eval()
+    cfg, model = model_from_config(args.config_file, args.opts)
     weights = read_checkpoint(args.src, allow_pickle=args.allow_pickle, fmt=args.source_format)
     if weights.framework == "norm_det" and weights.others:
         Checkpointer(model, Path(args.dst).parent).load(args.src, full=False)
         print(f"loaded the whole model from {args.src}")
     else:
-        scheme = _backbone_scheme(cfg, weights.arch)
-        report = load_pretrained_backbone(
-            model,
-            weights,
-            scheme or None,
-            source_scheme=args.source_scheme,
-            calibration_images=_calibration_images(args.calibration_images),
+        images = _calibration_images(args.calibration_images)
+        report, scheme = warm_start_model_backbone(
+            model, cfg, weights, source_scheme=args.source_scheme, calibration_images=images
         )
         print(
             f"warm-started {report['backbone']} ({scheme or 'none'}) from the {weights.framework} "
             f"backbone in {args.src}; the other layers keep their initialization"
         )
+    inexact = save_model(model, cfg, args.dst, fuse=args.fuse, allow_inexact=args.allow_inexact)
     if args.fuse:
-        fused = fused_copy(model)
-        inexact = inexact_layers(fused)
-        config = deploy_config(cfg, allow_inexact=args.allow_inexact)
-        meta = {"format": "norm_det", "fused": True, "config": config.dump()}
-        save_file({"model": fused.state_dict(), "meta": meta}, args.dst)
         note = f" ({len(inexact)} layers keep input standardization)" if inexact else ""
         print(f"wrote the fused model's weights to {args.dst}{note}; meta['config'] builds it")
     else:
-        meta = {"format": "norm_det", "config": cfg.dump()}
-        save_file({"model": model.state_dict(), "meta": meta}, args.dst)
         print(f"wrote the model's weights to {args.dst} (for MODEL.WEIGHTS)")
     if args.onnx:
-        image = torch.rand(3, *args.image_size)
-        path, names = export_onnx(model, image, args.onnx)
+        path, names = export_model_onnx(model, args.onnx, tuple(args.image_size))
         print(f"exported {path} (outputs: {', '.join(names)})")
 
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from norm_det.engine.checkpointer import restore_rng_state
+from norm_det.engine.distributed_model import unwrap_model
 from norm_det.engine.metrics import MetricStorage
+from norm_det.engine.training_batches import TrainingBatches
 from norm_det.layers import (
     prepare_optimizer_step,
 )
@@ -140,8 +142,95 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def mean_over_processes(loss_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The loss terms as floats, averaged over processes (in sorted name order)."""
+    # The logged numbers, and one NaN anywhere stops every process.
+    names = sorted(loss_dict)
+    values = torch.stack([loss_dict[n].detach().float().reshape(()) for n in names])
+    if get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= get_world_size()
+    return dict(zip(names, values.tolist()))
+
+
+def check_finite_losses(
+    values: Mapping[str, float],
+    iteration: int,
+    pass_index: int,
+    passes: int,
+    checkpoint_hint: Callable[[], str],
+) -> None:
+    """Stop with :class:`NonFiniteLossError` when a loss term of ``values`` is NaN or inf.
+
+    Args:
+        iteration: the iteration (counted from 1) the message names.
+        pass_index, passes: which of the accumulated passes it was, of how many.
+        checkpoint_hint: ``() -> str``, where the last good checkpoint is (asked only on error).
+    """
+    bad = {n: v for n, v in values.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    good = ", ".join(f"{n}={v:.4g}" for n, v in values.items() if math.isfinite(v))
+    where = f"iteration {iteration}"
+    if passes > 1:
+        where += f" (accumulated pass {pass_index + 1} of {passes})"
+    raise NonFiniteLossError(
+        f"non-finite loss at {where}: "
+        + ", ".join(f"{n}={v}" for n, v in bad.items())
+        + (f" (finite: {good})" if good else "")
+        + f". Training stopped before updating the model; {checkpoint_hint()}. "
+        "Lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or enable "
+        "SOLVER.CLIP_GRADIENTS, then --resume."
+    )
+
+
+def gradient_sync(model: nn.Module, last_pass: bool) -> contextlib.AbstractContextManager:
+    """DistributedDataParallel averages gradients over processes in the last pass only."""
+    if last_pass or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    grad_clipper: Callable | None,
+    model: nn.Module,
+    values: dict[str, float],
+) -> Any:
+    """The layers' step work, gradient clipping and the step, on the accumulated gradient.
+
+    The penalties the layers apply at the step are added to ``values``.
+
+    Returns:
+        What ``grad_clipper`` returns (the total gradient norm), or None without one.
+    """
+    # Before clipping, so that the clipped norm is that of the gradient the step uses.
+    for name, value in prepare_optimizer_step(optimizer).items():
+        values[name] = values.get(name, 0.0) + value.item()
+    grad_norm = None
+    if grad_clipper is not None:
+        grad_norm = grad_clipper(model.parameters())
+    optimizer.step()
+    return grad_norm
+
+
+def record_step(
+    storage: MetricStorage,
+    done: int,
+    values: Mapping[str, float],
+    grad_norm: Any,
+    data_time: float,
+    start: float,
+) -> None:
+    """The step's losses, their total, the gradient norm (when known) and the times, recorded
+    as of ``done`` iterations; ``start`` is the step's ``time.perf_counter()``."""
+    for name, value in values.items():
+        storage.put_scalar(name, value, done)
+    storage.put_scalar("total_loss", sum(values.values()), done)
+    if grad_norm is not None:
+        storage.put_scalar("grad_norm", grad_norm, done)
+    storage.put_scalar("data_time", data_time, done)
+    storage.put_scalar("time", time.perf_counter() - start, done)
 
 
 class SimpleTrainer(TrainerBase):
@@ -193,7 +282,7 @@ class SimpleTrainer(TrainerBase):
         self.optimizer = optimizer
         self.grad_clipper = grad_clipper
         self.accumulate_steps = accumulate_steps
-        self._data_iter: Iterator | None = None
+        self._batches: TrainingBatches | None = None
 
     @property
     def device(self) -> torch.device:
@@ -210,33 +299,11 @@ class SimpleTrainer(TrainerBase):
                 restored after the loader is positioned, so that the run continues exactly as an
                 uninterrupted one (which had drawn the same batches from the same generators).
         """
-        self._data_iter = self._data_from(start_iter)
+        start_batch = start_iter * self.accumulate_steps
+        self._batches = TrainingBatches(self.data_loader, start_batch, lambda: self.iter + 1)
         if rng_state is not None:
             restore_rng_state(rng_state)
         super().train(start_iter, max_iter)
-
-    def _data_from(self, start_iter: int) -> Iterator:
-        start_batch = start_iter * self.accumulate_steps
-        set_start_iter = getattr(self.data_loader, "set_start_iter", None)
-        if set_start_iter is not None:
-            set_start_iter(start_batch)
-            return iter(self.data_loader)
-        data_iter = iter(self.data_loader)
-        if start_batch:
-            logger.info("fast-forwarding the training data by %d batches", start_batch)
-        for _ in range(start_batch):
-            self._next_batch(data_iter)
-        return data_iter
-
-    def _next_batch(self, data_iter: Iterator) -> Any:
-        try:
-            return next(data_iter)
-        except StopIteration:
-            raise ValueError(
-                f"the training data loader ({type(self.data_loader).__name__}) ran out of "
-                f"batches at iteration {self.iter + 1}; it must be infinite (see "
-                "norm_det.data.build_detection_train_loader)"
-            ) from None
 
     def last_checkpoint_hint(self) -> str:
         """Where the last good checkpoint is, for the non-finite loss message."""
@@ -247,42 +314,10 @@ class SimpleTrainer(TrainerBase):
         loss_dict = self.model(images, targets)
         if not isinstance(loss_dict, Mapping):
             raise ValueError(
-                f"{type(_unwrap(self.model)).__name__} returned {type(loss_dict).__name__} in "
+                f"{type(unwrap_model(self.model)).__name__} returned {type(loss_dict).__name__} in "
                 "training mode; expected a dict of scalar loss tensors"
             )
         return dict(loss_dict)
-
-    def _reduced_values(self, loss_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        # Mean over processes: the logged numbers, and one NaN anywhere stops every process.
-        names = sorted(loss_dict)
-        values = torch.stack([loss_dict[n].detach().float().reshape(()) for n in names])
-        if get_world_size() > 1:
-            dist.all_reduce(values)
-            values /= get_world_size()
-        return dict(zip(names, values.tolist()))
-
-    def _check_finite(self, values: Mapping[str, float], pass_index: int = 0) -> None:
-        bad = {n: v for n, v in values.items() if not math.isfinite(v)}
-        if not bad:
-            return
-        good = ", ".join(f"{n}={v:.4g}" for n, v in values.items() if math.isfinite(v))
-        where = f"iteration {self.iter + 1}"
-        if self.accumulate_steps > 1:
-            where += f" (accumulated pass {pass_index + 1} of {self.accumulate_steps})"
-        raise NonFiniteLossError(
-            f"non-finite loss at {where}: "
-            + ", ".join(f"{n}={v}" for n, v in bad.items())
-            + (f" (finite: {good})" if good else "")
-            + f". Training stopped before updating the model; {self.last_checkpoint_hint()}. "
-            "Lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or enable "
-            "SOLVER.CLIP_GRADIENTS, then --resume."
-        )
-
-    def _gradient_sync(self, last_pass: bool) -> contextlib.AbstractContextManager:
-        """DistributedDataParallel averages gradients over processes in the last pass only."""
-        if last_pass or not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
 
     def run_step(self) -> None:
         start = time.perf_counter()
@@ -292,30 +327,16 @@ class SimpleTrainer(TrainerBase):
         self.optimizer.zero_grad(set_to_none=True)
         for index in range(steps):
             fetch = time.perf_counter()
-            images, targets = move_to_device(self._next_batch(self._data_iter), self.device)
+            images, targets = move_to_device(self._batches.next(), self.device)
             data_time += time.perf_counter() - fetch
-            with self._gradient_sync(last_pass=index == steps - 1):
+            with gradient_sync(self.model, last_pass=index == steps - 1):
                 loss_dict = self.losses(images, targets)
-                pass_values = self._reduced_values(loss_dict)
-                self._check_finite(pass_values, index)
+                pass_values = mean_over_processes(loss_dict)
+                hint = self.last_checkpoint_hint
+                check_finite_losses(pass_values, self.iter + 1, index, steps, hint)
                 total = sum(loss_dict.values())
                 (total / steps if steps > 1 else total).backward()
             for name, value in pass_values.items():
                 values[name] = values.get(name, 0.0) + value / steps
-
-        # Before clipping, so that the clipped norm is that of the gradient the step uses.
-        for name, value in prepare_optimizer_step(self.optimizer).items():
-            values[name] = values.get(name, 0.0) + value.item()
-        grad_norm = None
-        if self.grad_clipper is not None:
-            grad_norm = self.grad_clipper(self.model.parameters())
-        self.optimizer.step()
-
-        done = self.iter + 1
-        for name, value in values.items():
-            self.storage.put_scalar(name, value, done)
-        self.storage.put_scalar("total_loss", sum(values.values()), done)
-        if grad_norm is not None:
-            self.storage.put_scalar("grad_norm", grad_norm, done)
-        self.storage.put_scalar("data_time", data_time, done)
-        self.storage.put_scalar("time", time.perf_counter() - start, done)
+        grad_norm = optimizer_step(self.optimizer, self.grad_clipper, self.model, values)
+        record_step(self.storage, self.iter + 1, values, grad_norm, data_time, start)

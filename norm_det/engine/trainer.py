@@ -1,21 +1,23 @@
 """The config-driven trainer: builds model, optimizer, data, schedule and hooks from a config.
 
-The ``build_*`` classmethods are the extension points: they call the library builders (imported
-when called, so that a subclass with its own builders needs none of them), and a subclass
+The ``build_*`` methods are the extension points: the parts' classmethods come from
+:class:`norm_det.engine.builders.TrainerBuilders` (the library builders, imported when called, so
+that a subclass with its own builders needs none of them), the hooks' are here; a subclass
 replaces any of them to train something else with the same loop, checkpoints and writers.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from norm_det.engine.builders import TrainerBuilders, model_device
 from norm_det.engine.checkpointer import Checkpointer
+from norm_det.engine.distributed_model import unwrap_model, wrap_model
 from norm_det.engine.hooks import (
     DiagnosticsHook,
     EvalHook,
@@ -26,7 +28,6 @@ from norm_det.engine.hooks import (
     ProgressBar,
     flatten_results,
 )
-from norm_det.engine.launch import get_local_rank
 from norm_det.engine.train_loop import HookBase, SimpleTrainer, move_to_device
 from norm_det.solver import (
     build_gradient_clipper,
@@ -41,23 +42,60 @@ __all__ = ["Trainer", "model_device"]
 logger = logging.getLogger(__name__)
 
 
-def model_device(cfg) -> torch.device:
-    """``cfg.MODEL.DEVICE``, with this process's GPU when it names CUDA without an index."""
-    device = torch.device(cfg.MODEL.DEVICE)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", get_local_rank())
-    return device
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _describe_results(results: dict[str, Any]) -> str:
     return "\n".join(f"  {name}: {value:.4g}" for name, value in flatten_results(results).items())
 
 
-class Trainer(SimpleTrainer):
+def scaled_to_world_size(cfg):
+    """``cfg`` rescaled to the number of processes when it declares
+    ``SOLVER.REFERENCE_WORLD_SIZE`` (logging what changed), else ``cfg`` itself."""
+    scaled = scale_to_world_size(cfg, get_world_size())
+    if scaled is not cfg:
+        logger.info("batch-size scaling: %s", describe_scaling(cfg, scaled))
+    return scaled
+
+
+def backbone_scheme_of(cfg) -> str:
+    """The norm scheme the model's backbone is built with (VGG for SSD, else ResNet)."""
+    return cfg.MODEL.VGG.NORM if cfg.MODEL.META_ARCHITECTURE == "SSD" else (cfg.MODEL.RESNETS.NORM)
+
+
+def training_forward(device: torch.device) -> Callable[[nn.Module, Any], None]:
+    """``forward(model, batch)``: a training-mode forward of a loader batch on ``device``."""
+
+    def forward(model: nn.Module, batch: Any) -> None:
+        images, targets = move_to_device(batch, device)
+        model(images, targets)
+
+    return forward
+
+
+def evaluate_test_sets(
+    cfg,
+    model: nn.Module,
+    build_test_loader: Callable[[Any, str], Iterable],
+    build_evaluator: Callable[[Any, str], Any],
+) -> dict[str, Any]:
+    """``model`` evaluated on every dataset of ``DATASETS.TEST``, by the given builders.
+
+    Every process must call this. Returns ``{dataset: {task: {metric: value}}}`` on rank 0.
+    """
+    from norm_det.evaluation.inference import inference_on_dataset
+
+    if not cfg.DATASETS.TEST:
+        raise ValueError("DATASETS.TEST is empty: there is nothing to evaluate on")
+    model = unwrap_model(model)
+    results = {}
+    for name in cfg.DATASETS.TEST:
+        loader = build_test_loader(cfg, name)
+        evaluator = build_evaluator(cfg, name)
+        results[name] = inference_on_dataset(model, loader, evaluator)
+        if is_main_process():
+            logger.info("evaluation on %s:\n%s", name, _describe_results(results[name]))
+    return results
+
+
+class Trainer(TrainerBuilders, SimpleTrainer):
     """Train the model ``cfg`` describes, with checkpoints, evaluation and metric writers.
 
     Usage::
@@ -78,24 +116,13 @@ class Trainer(SimpleTrainer):
     """
 
     def __init__(self, cfg) -> None:
-        scaled = scale_to_world_size(cfg, get_world_size())
-        if scaled is not cfg:
-            logger.info("batch-size scaling: %s", describe_scaling(cfg, scaled))
-            cfg = scaled
+        cfg = scaled_to_world_size(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(pass_config(cfg))
         # AGC clips per parameter and leaves out the predictors by name: built on the model.
         grad_clipper = build_gradient_clipper(cfg, model)
-        if get_world_size() > 1:
-            device = next(model.parameters()).device
-            model = nn.parallel.DistributedDataParallel(
-                model,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                # Buffers are synced once at construction; afterwards each process keeps its own
-                # norm statistics (checkpoints hold rank 0's), saving a broadcast per forward.
-                forward_sync_buffers=False,
-            )
+        model = wrap_model(model)
         super().__init__(
             model,
             data_loader,
@@ -117,13 +144,10 @@ class Trainer(SimpleTrainer):
         """Continue from the last checkpoint in ``OUTPUT_DIR`` (``resume`` and one exists), or
         load ``MODEL.WEIGHTS`` into the model (if set) and start at iteration 0."""
         cfg = self.cfg
-        backbone_scheme = (
-            cfg.MODEL.VGG.NORM if cfg.MODEL.META_ARCHITECTURE == "SSD" else (cfg.MODEL.RESNETS.NORM)
-        )
         state = self.checkpointer.resume_or_load(
             cfg.MODEL.WEIGHTS,
             resume=resume,
-            backbone_scheme=backbone_scheme,
+            backbone_scheme=backbone_scheme_of(cfg),
             weights_format=cfg.MODEL.WEIGHTS_FORMAT or None,
             allow_pickle=cfg.MODEL.WEIGHTS_ALLOW_PICKLE,
         )
@@ -152,16 +176,10 @@ class Trainer(SimpleTrainer):
     def build_precise_statistics_hook(self, cfg) -> PreciseStatisticsHook:
         """``TEST.PRECISE_BN``: running statistics re-estimated on ``NUM_ITER`` batches of a fresh
         training loader before each evaluation and the final checkpoint."""
-        device = self.device
-
-        def forward(model: nn.Module, batch: Any) -> None:
-            images, targets = move_to_device(batch, device)
-            model(images, targets)
-
         return PreciseStatisticsHook(
-            _unwrap(self.model),
+            unwrap_model(self.model),
             lambda: self.build_train_loader(pass_config(cfg)),
-            forward,
+            training_forward(self.device),
             cfg.TEST.PRECISE_BN.NUM_ITER,
             cfg.TEST.EVAL_PERIOD if cfg.DATASETS.TEST else 0,
         )
@@ -170,7 +188,7 @@ class Trainer(SimpleTrainer):
         """The ``DIAGNOSTICS`` probes on the (unwrapped) model (docs/diagnostics.md)."""
         from norm_det.diagnostics import ModelDiagnostics
 
-        diagnostics = ModelDiagnostics.from_config(cfg, _unwrap(self.model))
+        diagnostics = ModelDiagnostics.from_config(cfg, unwrap_model(self.model))
         return DiagnosticsHook(diagnostics, cfg.DIAGNOSTICS.PERIOD)
 
     def train(self) -> dict[str, Any]:
@@ -188,77 +206,10 @@ class Trainer(SimpleTrainer):
             )
         return f"the last good checkpoint is '{last}'"
 
-    # Builders: override in a subclass to train other models or data with the same loop.
-
-    @classmethod
-    def build_model(cls, cfg) -> nn.Module:
-        """``norm_det.modeling.build_model(cfg)`` on ``MODEL.DEVICE``."""
-        from norm_det.modeling import build_model
-
-        model = build_model(cfg).to(model_device(cfg))
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        logger.info(
-            "model %s: %.2fM parameters, %.2fM trainable",
-            type(model).__name__,
-            total / 1e6,
-            trainable / 1e6,
-        )
-        return model
-
-    @classmethod
-    def build_optimizer(cls, cfg, model: nn.Module) -> torch.optim.Optimizer:
-        from norm_det.solver import build_optimizer
-
-        return build_optimizer(cfg, model)
-
-    @classmethod
-    def build_lr_scheduler(cls, cfg, optimizer: torch.optim.Optimizer) -> Any:
-        from norm_det.solver import build_lr_scheduler
-
-        return build_lr_scheduler(cfg, optimizer)
-
-    @classmethod
-    def build_train_loader(cls, cfg) -> Iterable:
-        """``norm_det.data.build_detection_train_loader(cfg)``: infinite, per-process batches.
-
-        ``cfg.SOLVER.IMS_PER_BATCH`` here is the images of one pass over all processes (the
-        config's ``IMS_PER_BATCH / SOLVER.ACCUMULATE_STEPS``).
-        """
-        from norm_det.data import build_detection_train_loader
-
-        return build_detection_train_loader(cfg)
-
-    @classmethod
-    def build_test_loader(cls, cfg, dataset_name: str) -> Iterable:
-        from norm_det.data import build_detection_test_loader
-
-        return build_detection_test_loader(cfg, dataset_name)
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name: str, output_dir: str | None = None) -> Any:
-        from norm_det.evaluation import build_evaluator
-
-        if output_dir is None:
-            output_dir = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return build_evaluator(cfg, dataset_name, output_dir)
-
     @classmethod
     def test(cls, cfg, model: nn.Module) -> dict[str, Any]:
         """Evaluate ``model`` on every dataset of ``DATASETS.TEST``.
 
         Every process must call this. Returns ``{dataset: {task: {metric: value}}}`` on rank 0.
         """
-        from norm_det.evaluation.inference import inference_on_dataset
-
-        if not cfg.DATASETS.TEST:
-            raise ValueError("DATASETS.TEST is empty: there is nothing to evaluate on")
-        model = _unwrap(model)
-        results = {}
-        for name in cfg.DATASETS.TEST:
-            loader = cls.build_test_loader(cfg, name)
-            evaluator = cls.build_evaluator(cfg, name)
-            results[name] = inference_on_dataset(model, loader, evaluator)
-            if is_main_process():
-                logger.info("evaluation on %s:\n%s", name, _describe_results(results[name]))
-        return results
+        return evaluate_test_sets(cfg, model, cls.build_test_loader, cls.build_evaluator)

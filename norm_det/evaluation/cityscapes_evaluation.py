@@ -22,7 +22,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from PIL import Image
 
@@ -31,16 +30,17 @@ from norm_det.data.image_io import image_size
 from norm_det.evaluation.evaluator import (
     DatasetEvaluator,
     Results,
+    gathered_records,
     image_id_of,
+    require_metadata,
     to_numpy,
-    unique_by_image_id,
 )
-from norm_det.evaluation.guards import check_finite_sem_seg
-from norm_det.utils.comm import all_gather_object, is_main_process
+from norm_det.evaluation.guards import check_finite_sem_seg, sem_seg_logits
 
 __all__ = [
     "LABEL_ID_TO_TRAIN_ID",
     "TRAIN_ID_TO_LABEL_ID",
+    "CityscapesGroundTruthFiles",
     "CityscapesSemSegEvaluator",
     "evaluate_cityscapes_files",
     "numpy_in1d",
@@ -91,17 +91,13 @@ class CityscapesSemSegEvaluator(DatasetEvaluator):
             raise FileNotFoundError(
                 f"Cityscapes ground-truth folder '{self.gt_dir}' (metadata 'gt_dir') does not exist"
             )
-        self._sorted_gt_files: list[str] | None = None
+        self._gt_files = CityscapesGroundTruthFiles(self.gt_dir)
         self._records: list[dict[str, Any]] = []
 
     @classmethod
     def from_config(cls, cfg: Any, metadata: Mapping[str, Any]) -> CityscapesSemSegEvaluator:
         """The ground-truth folder from metadata ``"gt_dir"``."""
-        if "gt_dir" not in metadata:
-            raise ValueError(
-                f"dataset metadata has no 'gt_dir' (keys: {sorted(metadata)}); Cityscapes "
-                "evaluation needs the gtFine folder"
-            )
+        require_metadata(metadata, "gt_dir", "Cityscapes evaluation needs the gtFine folder")
         return cls(metadata["gt_dir"])
 
     def reset(self) -> None:
@@ -114,22 +110,18 @@ class CityscapesSemSegEvaluator(DatasetEvaluator):
         """
         image_ids = [image_id_of(target) for target in targets]
         gt_files = [
-            self._gt_file(target, image_id)
+            self._gt_files.of(target, image_id)
             for target, image_id in zip(targets, image_ids, strict=True)
         ]
         check_finite_sem_seg(image_ids, outputs, gt_files)
         for image_id, gt_file, target, output in zip(
             image_ids, gt_files, targets, outputs, strict=True
         ):
-            logits = torch.as_tensor(output["sem_seg"])
-            if logits.ndim != 3 or logits.shape[0] != NUM_TRAIN_IDS:
-                raise ValueError(
-                    f"image {image_id}: outputs['sem_seg'] must be ({NUM_TRAIN_IDS}, H, W) logits "
-                    f"over the Cityscapes train ids, got shape {tuple(logits.shape)}"
-                )
+            expected = f"({NUM_TRAIN_IDS}, H, W) logits over the Cityscapes train ids"
+            logits = sem_seg_logits(output, image_id, NUM_TRAIN_IDS, expected)
             height, width = image_size(gt_file, image_id=image_id)
             if tuple(logits.shape[1:]) == (height, width):
-                self._check_pairing(target, image_id, gt_file)
+                check_pairing(target, image_id, gt_file)
             else:
                 logits = F.interpolate(
                     logits[None].float(), size=(height, width), mode="bilinear", align_corners=False
@@ -144,10 +136,9 @@ class CityscapesSemSegEvaluator(DatasetEvaluator):
             )
 
     def evaluate(self) -> Results:
-        gathered = all_gather_object(self._records)
-        if not is_main_process():
+        records = gathered_records(self._records)
+        if records is None:
             return {}
-        records = unique_by_image_id(gathered)
         keys = ("IoU", "iIoU", "IoU_sup", "iIoU_sup")
         if not records:
             logger.warning("Cityscapes evaluation: no images were processed; every metric is NaN")
@@ -161,16 +152,7 @@ class CityscapesSemSegEvaluator(DatasetEvaluator):
                 len(missing),
                 instance_file(missing[0]),
             )
-        with tempfile.TemporaryDirectory(prefix="cityscapes_pred_") as tmp:
-            prediction_files = []
-            for record in records:
-                path = os.path.join(tmp, f"{record['image_id']}_pred.png")
-                with open(path, "wb") as f:
-                    f.write(record["png"])
-                prediction_files.append(path)
-            result = evaluate_cityscapes_files(
-                prediction_files, gt_files, instance_level=not missing
-            )
+        result = evaluate_cityscapes_records(records, instance_level=not missing)
         metrics = {
             "IoU": 100.0 * result["averageScoreClasses"],
             "iIoU": 100.0 * result["averageScoreInstClasses"] if not missing else float("nan"),
@@ -182,7 +164,26 @@ class CityscapesSemSegEvaluator(DatasetEvaluator):
         logger.info("Cityscapes: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return {"sem_seg": {k: float(v) for k, v in metrics.items()}}
 
-    def _gt_file(self, target: Mapping[str, Any], image_id: int) -> str:
+
+class CityscapesGroundTruthFiles:
+    """The ``*_gtFine_labelIds.png`` of each image, under the split's gtFine folder ``gt_dir``.
+
+    A target's ``"sem_seg_file_name"``, else the file its ``"file_name"`` (the leftImg8bit
+    path) names, else entry ``image_id`` of the sorted ``<gt_dir>/*/*_gtFine_labelIds.png``.
+    """
+
+    def __init__(self, gt_dir: str) -> None:
+        self.gt_dir = gt_dir
+        self._sorted: list[str] | None = None
+
+    def of(self, target: Mapping[str, Any], image_id: int) -> str:
+        """The ground-truth file of ``target``.
+
+        Raises:
+            FileNotFoundError: the file it names does not exist.
+            ValueError: the target names no file and ``image_id`` is no index into the sorted
+                files.
+        """
         if "sem_seg_file_name" in target:
             gt_file = os.fspath(target["sem_seg_file_name"])
             if not os.path.isfile(gt_file):
@@ -202,28 +203,49 @@ class CityscapesSemSegEvaluator(DatasetEvaluator):
                     "does not exist"
                 )
             return gt_file
-        if self._sorted_gt_files is None:
+        if self._sorted is None:
             pattern = os.path.join(self.gt_dir, "*", "*_gtFine_labelIds.png")
-            self._sorted_gt_files = sorted(glob.glob(pattern))
-        if not 0 <= image_id < len(self._sorted_gt_files):
+            self._sorted = sorted(glob.glob(pattern))
+        if not 0 <= image_id < len(self._sorted):
             raise ValueError(
                 f"image {image_id}: the target has no 'file_name' and image_id is not an index "
-                f"into the {len(self._sorted_gt_files)} sorted files "
+                f"into the {len(self._sorted)} sorted files "
                 f"'{self.gt_dir}/*/*_gtFine_labelIds.png'"
             )
-        return self._sorted_gt_files[image_id]
+        return self._sorted[image_id]
 
-    @staticmethod
-    def _check_pairing(target: Mapping[str, Any], image_id: int, gt_file: str) -> None:
-        if "sem_seg" not in target:
-            return
-        with Image.open(gt_file) as gt_image:
-            expected = LABEL_ID_TO_TRAIN_ID[np.asarray(gt_image)]
-        if not np.array_equal(to_numpy(target["sem_seg"]).astype(np.int64), expected):
-            raise ValueError(
-                f"image {image_id}: targets['sem_seg'] differs from '{gt_file}' mapped to train "
-                "ids; the image is paired with the wrong ground-truth file"
-            )
+
+def check_pairing(target: Mapping[str, Any], image_id: int, gt_file: str) -> None:
+    """A target's ``"sem_seg"`` (when it has one) equals ``gt_file`` mapped to train ids.
+
+    Raises:
+        ValueError: it differs: the image is paired with the wrong ground-truth file.
+    """
+    if "sem_seg" not in target:
+        return
+    with Image.open(gt_file) as gt_image:
+        expected = LABEL_ID_TO_TRAIN_ID[np.asarray(gt_image)]
+    if not np.array_equal(to_numpy(target["sem_seg"]).astype(np.int64), expected):
+        raise ValueError(
+            f"image {image_id}: targets['sem_seg'] differs from '{gt_file}' mapped to train "
+            "ids; the image is paired with the wrong ground-truth file"
+        )
+
+
+def evaluate_cityscapes_records(
+    records: Sequence[Mapping[str, Any]], *, instance_level: bool
+) -> dict[str, Any]:
+    """:func:`evaluate_cityscapes_files` on the records' prediction PNGs, written to a
+    temporary folder, against their ``"gt_file"``."""
+    with tempfile.TemporaryDirectory(prefix="cityscapes_pred_") as tmp:
+        prediction_files = []
+        for record in records:
+            path = os.path.join(tmp, f"{record['image_id']}_pred.png")
+            with open(path, "wb") as f:
+                f.write(record["png"])
+            prediction_files.append(path)
+        gt_files = [r["gt_file"] for r in records]
+        return evaluate_cityscapes_files(prediction_files, gt_files, instance_level=instance_level)
 
 
 def evaluate_cityscapes_files(

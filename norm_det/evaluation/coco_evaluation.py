@@ -16,10 +16,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-import pycocotools.mask as mask_util
-import torch
-
 from norm_det.data.postprocess import rescale_to_original
 from norm_det.evaluation.coco_backend import (
     COCO_BACKENDS,
@@ -29,17 +25,21 @@ from norm_det.evaluation.coco_backend import (
     per_category_ap,
     run_coco_eval,
 )
+from norm_det.evaluation.coco_results import (
+    encode_masks,
+    instances_to_coco_results,
+    prediction_record,
+)
 from norm_det.evaluation.evaluator import (
     DatasetEvaluator,
     Results,
+    gathered_records,
     image_id_of,
-    to_numpy,
-    unique_by_image_id,
+    require_metadata,
 )
 from norm_det.evaluation.guards import check_finite_outputs, check_ground_truth_for_task
-from norm_det.utils.comm import all_gather_object, is_main_process
 
-__all__ = ["COCOEvaluator", "instances_to_coco_results"]
+__all__ = ["COCOEvaluator", "encode_masks", "instances_to_coco_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,19 +89,7 @@ class COCOEvaluator(DatasetEvaluator):
         output_dir: str | os.PathLike | None = None,
     ) -> None:
         self.json_file = os.fspath(json_file)
-        if not os.path.isfile(self.json_file):
-            raise FileNotFoundError(
-                f"COCO ground-truth json file '{self.json_file}' (metadata 'json_file') does not "
-                "exist"
-            )
-        if backend not in COCO_BACKENDS:
-            raise ValueError(f"COCO backend '{backend}' is not one of {COCO_BACKENDS}")
-        if tasks is not None:
-            unknown = [t for t in tasks if t not in _TASKS]
-            if unknown:
-                raise ValueError(f"COCO tasks {unknown} are not among {_TASKS}")
-        if max_dets_per_image < 1:
-            raise ValueError(f"max_dets_per_image must be >= 1, got {max_dets_per_image}")
+        check_arguments(self.json_file, backend, tasks, max_dets_per_image)
         self.dataset_id_to_contiguous = (
             None
             if thing_dataset_id_to_contiguous_id is None
@@ -120,11 +108,7 @@ class COCOEvaluator(DatasetEvaluator):
         cls, cfg: Any, metadata: Mapping[str, Any], output_dir: str | None = None
     ) -> COCOEvaluator:
         """Arguments from ``cfg.TEST`` and the dataset metadata."""
-        if "json_file" not in metadata:
-            raise ValueError(
-                f"dataset metadata has no 'json_file' (keys: {sorted(metadata)}); COCO "
-                "evaluation needs the ground-truth json"
-            )
+        require_metadata(metadata, "json_file", "COCO evaluation needs the ground-truth json")
         return cls(
             metadata["json_file"],
             thing_dataset_id_to_contiguous_id=metadata.get("thing_dataset_id_to_contiguous_id"),
@@ -149,39 +133,31 @@ class COCOEvaluator(DatasetEvaluator):
             if "size" in target and "orig_size" in target:
                 # The ground truth is in the pixels of the image file, not of the resized input.
                 output = rescale_to_original(output, target)
-            record: dict[str, Any] = {
-                "image_id": image_id,
-                "boxes": to_numpy(output["boxes"]).astype(np.float64).reshape(-1, 4),
-                "scores": to_numpy(output["scores"]).astype(np.float64).reshape(-1),
-                "labels": to_numpy(output["labels"]).astype(np.int64).reshape(-1),
-            }
-            if "masks" in output:
-                record["rles"] = encode_masks(output["masks"])
-            self._predictions.append(record)
+            self._predictions.append(prediction_record(image_id, output))
 
     def evaluate(self) -> Results:
-        gathered = all_gather_object(self._predictions)
-        if not is_main_process():
+        records = gathered_records(self._predictions)
+        if records is None:
             return {}
-        records = unique_by_image_id(gathered)
         coco_gt = self._ground_truth()
-        records = self._drop_unknown_images(records, coco_gt)
-        tasks = self.tasks or (("bbox", "segm") if any("rles" in r for r in records) else ("bbox",))
-        for task in tasks:
-            # Before any task is scored: a json without masks fails at once, not after bbox.
-            check_ground_truth_for_task(coco_gt.dataset, task, self.json_file)
-        contiguous_to_dataset_id = self._contiguous_to_dataset_id(coco_gt)
-        self._check_mask_sizes(records, coco_gt, tasks)
+        records = drop_unknown_images(records, coco_gt, self.json_file)
+        tasks = tasks_to_score(self.tasks, records, coco_gt, self.json_file)
+        contiguous_to_dataset_id = contiguous_to_dataset_ids(
+            coco_gt, self.dataset_id_to_contiguous, self.json_file
+        )
+        check_mask_sizes(records, coco_gt, tasks, self.json_file)
 
         results_per_task = {
             task: instances_to_coco_results(records, contiguous_to_dataset_id, task)
             for task in tasks
         }
         if self.output_dir is not None:
-            self._write_results(records, contiguous_to_dataset_id)
+            write_coco_results(records, contiguous_to_dataset_id, self.output_dir)
         img_ids = sorted(r["image_id"] for r in records)
+        names = category_names(coco_gt, self.thing_classes, contiguous_to_dataset_id)
+        scoring = {"backend": self.backend, "max_dets_per_image": self.max_dets_per_image}
         return {
-            task: self._evaluate_task(coco_gt, results, task, img_ids, contiguous_to_dataset_id)
+            task: score_task(coco_gt, results, task, img_ids, names, **scoring)
             for task, results in results_per_task.items()
         }
 
@@ -190,167 +166,167 @@ class COCOEvaluator(DatasetEvaluator):
             self._coco_gt = load_coco_gt(self.json_file, self.backend)
         return self._coco_gt
 
-    def _drop_unknown_images(self, records: list[dict], coco_gt: Any) -> list[dict]:
-        known = set(coco_gt.getImgIds())
-        unknown = sorted(r["image_id"] for r in records if r["image_id"] not in known)
+
+def check_arguments(
+    json_file: str, backend: str, tasks: Sequence[str] | None, max_dets_per_image: int
+) -> None:
+    """The :class:`COCOEvaluator` arguments that are errors, refused with what is expected."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(
+            f"COCO ground-truth json file '{json_file}' (metadata 'json_file') does not exist"
+        )
+    if backend not in COCO_BACKENDS:
+        raise ValueError(f"COCO backend '{backend}' is not one of {COCO_BACKENDS}")
+    if tasks is not None:
+        unknown = [t for t in tasks if t not in _TASKS]
         if unknown:
-            logger.warning(
-                "%d predicted image ids are not in '%s' and are ignored: %s%s",
-                len(unknown),
-                self.json_file,
-                unknown[:10],
-                " ..." if len(unknown) > 10 else "",
-            )
-        return [r for r in records if r["image_id"] in known]
+            raise ValueError(f"COCO tasks {unknown} are not among {_TASKS}")
+    if max_dets_per_image < 1:
+        raise ValueError(f"max_dets_per_image must be >= 1, got {max_dets_per_image}")
 
-    def _contiguous_to_dataset_id(self, coco_gt: Any) -> dict[int, int]:
-        gt_cat_ids = sorted(int(c) for c in coco_gt.getCatIds())
-        if self.dataset_id_to_contiguous is None:
-            return {i + 1: cat_id for i, cat_id in enumerate(gt_cat_ids)}
-        missing = sorted(set(self.dataset_id_to_contiguous) - set(gt_cat_ids))
-        if missing:
+
+def tasks_to_score(
+    tasks: Sequence[str] | None, records: list[dict], coco_gt: Any, json_file: str
+) -> Sequence[str]:
+    """``tasks``, by default ``bbox`` and ``segm`` when a record has masks, each checked to
+    have the ground truth it reads."""
+    tasks = tasks or (("bbox", "segm") if any("rles" in r for r in records) else ("bbox",))
+    for task in tasks:
+        # Before any task is scored: a json without masks fails at once, not after bbox.
+        check_ground_truth_for_task(coco_gt.dataset, task, json_file)
+    return tasks
+
+
+def drop_unknown_images(records: list[dict], coco_gt: Any, json_file: str) -> list[dict]:
+    """The records of images the ground truth has; the others are dropped with a warning."""
+    known = set(coco_gt.getImgIds())
+    unknown = sorted(r["image_id"] for r in records if r["image_id"] not in known)
+    if unknown:
+        logger.warning(
+            "%d predicted image ids are not in '%s' and are ignored: %s%s",
+            len(unknown),
+            json_file,
+            unknown[:10],
+            " ..." if len(unknown) > 10 else "",
+        )
+    return [r for r in records if r["image_id"] in known]
+
+
+def contiguous_to_dataset_ids(
+    coco_gt: Any, dataset_id_to_contiguous: Mapping[int, int] | None, json_file: str
+) -> dict[int, int]:
+    """Contiguous label -> the json's category id (default: the ids in ascending order).
+
+    Raises:
+        ValueError: ``dataset_id_to_contiguous`` names ids the json does not define.
+    """
+    gt_cat_ids = sorted(int(c) for c in coco_gt.getCatIds())
+    if dataset_id_to_contiguous is None:
+        return {i + 1: cat_id for i, cat_id in enumerate(gt_cat_ids)}
+    missing = sorted(set(dataset_id_to_contiguous) - set(gt_cat_ids))
+    if missing:
+        raise ValueError(
+            f"thing_dataset_id_to_contiguous_id names category ids {missing} that "
+            f"'{json_file}' does not define (its ids: {gt_cat_ids})"
+        )
+    return {v: k for k, v in dataset_id_to_contiguous.items()}
+
+
+def check_mask_sizes(
+    records: list[dict], coco_gt: Any, tasks: Sequence[str], json_file: str
+) -> None:
+    """For task ``segm``: every record has masks, at the size the json gives its image."""
+    if "segm" not in tasks:
+        return
+    for record in records:
+        if "rles" not in record:
             raise ValueError(
-                f"thing_dataset_id_to_contiguous_id names category ids {missing} that "
-                f"'{self.json_file}' does not define (its ids: {gt_cat_ids})"
+                f"task 'segm' needs 'masks' in the outputs; image {record['image_id']} has none"
             )
-        return {v: k for k, v in self.dataset_id_to_contiguous.items()}
-
-    def _check_mask_sizes(self, records: list[dict], coco_gt: Any, tasks: Sequence[str]) -> None:
-        if "segm" not in tasks:
-            return
-        for record in records:
-            if "rles" not in record:
+        image = coco_gt.imgs[record["image_id"]]
+        expected = [int(image["height"]), int(image["width"])]
+        for rle in record["rles"][:1]:
+            if list(rle["size"]) != expected:
                 raise ValueError(
-                    f"task 'segm' needs 'masks' in the outputs; image {record['image_id']} has none"
+                    f"masks of image {record['image_id']} are {list(rle['size'])} (H, W) but "
+                    f"'{json_file}' says the image is {expected}; predict masks at the "
+                    "dataset image's size"
                 )
-            image = coco_gt.imgs[record["image_id"]]
-            expected = [int(image["height"]), int(image["width"])]
-            for rle in record["rles"][:1]:
-                if list(rle["size"]) != expected:
-                    raise ValueError(
-                        f"masks of image {record['image_id']} are {list(rle['size'])} (H, W) but "
-                        f"'{self.json_file}' says the image is {expected}; predict masks at the "
-                        "dataset image's size"
-                    )
 
-    def _evaluate_task(
-        self,
-        coco_gt: Any,
-        results: list[dict[str, Any]],
-        task: str,
-        img_ids: list[int],
-        contiguous_to_dataset_id: dict[int, int],
-    ) -> dict[str, float]:
-        if not results:
-            logger.warning(
-                "COCO %s evaluation: no predictions to evaluate (%d images processed); every "
-                "metric is NaN",
-                task,
-                len(img_ids),
-            )
-            return {key: float("nan") for key, _, _ in COCO_METRICS}
-        coco_eval = run_coco_eval(
-            coco_gt,
-            results,
-            task,
-            self.backend,
-            img_ids=img_ids,
-            max_dets_per_image=self.max_dets_per_image,
-        )
-        metrics = coco_metrics(coco_eval)
-        ap_per_category = per_category_ap(coco_eval)
-        names = self._class_names(coco_gt, contiguous_to_dataset_id)
-        for cat_id, ap in ap_per_category.items():
-            metrics[f"AP-{names.get(cat_id, str(cat_id))}"] = ap
-        logger.info(
-            "COCO %s (%s): %s",
-            task,
-            self.backend,
-            ", ".join(f"{k}={metrics[k]:.3f}" for k, _, _ in COCO_METRICS),
-        )
-        return metrics
 
-    def _class_names(self, coco_gt: Any, contiguous_to_dataset_id: dict[int, int]) -> dict:
-        if self.thing_classes is None:
-            return {
-                int(c["id"]): str(c.get("name", c["id"]))
-                for c in coco_gt.loadCats(coco_gt.getCatIds())
-            }
+def category_names(
+    coco_gt: Any, thing_classes: Sequence[str] | None, contiguous_to_dataset_id: dict[int, int]
+) -> dict[int, str]:
+    """Dataset category id -> the name its ``AP-<class>`` metric has (default: the json's)."""
+    if thing_classes is None:
         return {
-            contiguous_to_dataset_id[i + 1]: name
-            for i, name in enumerate(self.thing_classes)
-            if i + 1 in contiguous_to_dataset_id
+            int(c["id"]): str(c.get("name", c["id"])) for c in coco_gt.loadCats(coco_gt.getCatIds())
         }
-
-    def _write_results(self, records: list[dict], contiguous_to_dataset_id: dict) -> None:
-        os.makedirs(self.output_dir, exist_ok=True)
-        path = os.path.join(self.output_dir, "coco_instances_results.json")
-        with_masks = all("rles" in r for r in records) and bool(records)
-        results = instances_to_coco_results(
-            records, contiguous_to_dataset_id, "segm" if with_masks else "bbox", keep_boxes=True
-        )
-        with open(path, "w") as f:
-            json.dump(results, f)
-        logger.info("wrote %d COCO results to %s", len(results), path)
+    return {
+        contiguous_to_dataset_id[i + 1]: name
+        for i, name in enumerate(thing_classes)
+        if i + 1 in contiguous_to_dataset_id
+    }
 
 
-def encode_masks(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
-    """Compressed RLEs of mask probabilities cut at 0.5.
+def score_task(
+    coco_gt: Any,
+    results: list[dict[str, Any]],
+    task: str,
+    img_ids: list[int],
+    names: Mapping[int, str],
+    *,
+    backend: str,
+    max_dets_per_image: int,
+) -> dict[str, float]:
+    """The COCOeval metrics of one task's results, and ``AP-<class>`` per category.
 
     Args:
-        masks: ``(M, 1, H, W)`` (or ``(M, H, W)``) probabilities.
+        names: category id -> the name in ``AP-<class>`` (:func:`category_names`).
 
     Returns:
-        M dicts ``{"size": [H, W], "counts": str}``.
+        Every metric NaN, with a warning, when there are no results.
     """
-    masks = to_numpy(masks)
-    if masks.ndim == 4:
-        masks = masks[:, 0]
-    if masks.ndim != 3:
-        raise ValueError(f"'masks' must be (M, 1, H, W) or (M, H, W), got shape {masks.shape}")
-    binary = np.asfortranarray((masks > 0.5).transpose(1, 2, 0).astype(np.uint8))
-    rles = mask_util.encode(binary) if len(masks) else []
-    for rle in rles:
-        # str counts are json-serializable and accepted by both COCO backends.
-        rle["counts"] = rle["counts"].decode("ascii")
-    return list(rles)
+    if not results:
+        logger.warning(
+            "COCO %s evaluation: no predictions to evaluate (%d images processed); every "
+            "metric is NaN",
+            task,
+            len(img_ids),
+        )
+        return {key: float("nan") for key, _, _ in COCO_METRICS}
+    coco_eval = run_coco_eval(
+        coco_gt,
+        results,
+        task,
+        backend,
+        img_ids=img_ids,
+        max_dets_per_image=max_dets_per_image,
+    )
+    metrics = coco_metrics(coco_eval)
+    ap_per_category = per_category_ap(coco_eval)
+    for cat_id, ap in ap_per_category.items():
+        metrics[f"AP-{names.get(cat_id, str(cat_id))}"] = ap
+    logger.info(
+        "COCO %s (%s): %s",
+        task,
+        backend,
+        ", ".join(f"{k}={metrics[k]:.3f}" for k, _, _ in COCO_METRICS),
+    )
+    return metrics
 
 
-def instances_to_coco_results(
-    records: Sequence[dict[str, Any]],
-    contiguous_to_dataset_id: Mapping[int, int],
-    task: str,
-    *,
-    keep_boxes: bool = False,
-) -> list[dict[str, Any]]:
-    """COCO result dicts of the stored per-image predictions.
-
-    Args:
-        records: ``{"image_id", "boxes" (M, 4) XYXY, "scores" (M,), "labels" (M,), "rles"}``.
-        contiguous_to_dataset_id: contiguous label -> dataset category id.
-        task: ``"bbox"`` (boxes as XYWH) or ``"segm"`` (RLE, without the box, so that
-            COCOeval takes the area from the mask as it does for ground truth).
-        keep_boxes: also keep the box in segm results (for the results file).
-    """
-    results = []
-    for record in records:
-        labels = record["labels"]
-        unknown = sorted(set(labels.tolist()) - set(contiguous_to_dataset_id))
-        if unknown:
-            raise ValueError(
-                f"image {record['image_id']}: predicted labels {unknown} have no dataset category "
-                f"(known contiguous labels: {sorted(contiguous_to_dataset_id)})"
-            )
-        boxes = record["boxes"].copy()
-        boxes[:, 2:] -= boxes[:, :2]
-        category_ids = [contiguous_to_dataset_id[label] for label in labels.tolist()]
-        for i, (box, score, category_id) in enumerate(
-            zip(boxes.tolist(), record["scores"].tolist(), category_ids)
-        ):
-            result = {"image_id": record["image_id"], "category_id": category_id, "score": score}
-            if task == "bbox" or keep_boxes:
-                result["bbox"] = box
-            if task == "segm":
-                result["segmentation"] = dict(record["rles"][i])
-            results.append(result)
-    return results
+def write_coco_results(
+    records: list[dict], contiguous_to_dataset_id: dict, output_dir: str
+) -> None:
+    """``<output_dir>/coco_instances_results.json``: the results with masks when every record
+    has them (boxes kept), else the boxes."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "coco_instances_results.json")
+    with_masks = all("rles" in r for r in records) and bool(records)
+    results = instances_to_coco_results(
+        records, contiguous_to_dataset_id, "segm" if with_masks else "bbox", keep_boxes=True
+    )
+    with open(path, "w") as f:
+        json.dump(results, f)
+    logger.info("wrote %d COCO results to %s", len(results), path)

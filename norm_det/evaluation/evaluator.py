@@ -8,17 +8,21 @@ elsewhere). Metrics are ``{task: {metric: value}}``, e.g. ``{"bbox": {"AP": 37.2
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from norm_det.utils.comm import all_gather_object, is_main_process
+
 __all__ = [
     "DatasetEvaluator",
     "DatasetEvaluators",
+    "gathered_records",
     "image_id_of",
     "nanmean",
+    "require_metadata",
     "to_numpy",
     "unique_by_image_id",
 ]
@@ -109,6 +113,26 @@ def unique_by_image_id(per_process: Iterable[Iterable[dict[str, Any]]]) -> list[
                 seen.add(record["image_id"])
                 unique.append(record)
     return unique
+
+
+def gathered_records(records: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Every process's per-image records, each image once (:func:`unique_by_image_id`), on
+    rank 0; None on the other ranks. Every process must call this."""
+    gathered = all_gather_object(records)
+    if not is_main_process():
+        return None
+    return unique_by_image_id(gathered)
+
+
+def require_metadata(metadata: Mapping[str, Any], key: str, needed_for: str) -> None:
+    """Raise a ValueError naming the keys the dataset metadata has when it lacks ``key``.
+
+    ``needed_for`` ends the message: what the evaluator needs the key for.
+    """
+    if key not in metadata:
+        raise ValueError(
+            f"dataset metadata has no '{key}' (keys: {sorted(metadata)}); {needed_for}"
+        )
 
 
 def to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ __all__ = [
     "check_finite_sem_seg",
     "check_ground_truth_for_task",
     "coco_ground_truth",
+    "sem_seg_logits",
 ]
 
 # Instance outputs: every key holds one entry per prediction; the float ones must be finite.
@@ -92,6 +93,24 @@ def check_finite_outputs(image_ids: Sequence[int], outputs: Sequence[Mapping[str
             bad_images[image_id] = (int(bad.sum()), int(bad.shape[0]), fields)
     if bad_images:
         raise _nonfinite_error("model outputs", bad_images, "boxes, scores or masks")
+
+
+def sem_seg_logits(
+    output: Mapping[str, Any], image_id: int, num_classes: int, expected: str
+) -> torch.Tensor:
+    """``output["sem_seg"]`` as a tensor, refused unless it is (``num_classes``, H, W).
+
+    Raises:
+        ValueError: of another shape; ``expected`` says what it must be, e.g.
+            ``"(K=19, H, W) logits"``.
+    """
+    logits = torch.as_tensor(output["sem_seg"])
+    if logits.ndim != 3 or logits.shape[0] != num_classes:
+        raise ValueError(
+            f"image {image_id}: outputs['sem_seg'] must be {expected}, got shape "
+            f"{tuple(logits.shape)}"
+        )
+    return logits
 
 
 def check_finite_sem_seg(

@@ -33,13 +33,13 @@ from norm_det.data.voc import load_voc_ground_truth
 from norm_det.evaluation.evaluator import (
     DatasetEvaluator,
     Results,
+    gathered_records,
     image_id_of,
     nanmean,
+    require_metadata,
     to_numpy,
-    unique_by_image_id,
 )
 from norm_det.evaluation.guards import check_finite_outputs
-from norm_det.utils.comm import all_gather_object, is_main_process
 
 __all__ = ["PascalVOCEvaluator", "voc_ap", "voc_class_recall_precision"]
 
@@ -187,11 +187,7 @@ class PascalVOCEvaluator(DatasetEvaluator):
         """Classes from metadata ``"thing_classes"``; the 11-point metric for ``"year"`` 2007; the
         ground truth read from the XML files of ``"dirname"`` / ``"split"`` when the metadata
         names them, as the devkit reads it."""
-        if "thing_classes" not in metadata:
-            raise ValueError(
-                f"dataset metadata has no 'thing_classes' (keys: {sorted(metadata)}); VOC "
-                "evaluation needs the class names"
-            )
+        require_metadata(metadata, "thing_classes", "VOC evaluation needs the class names")
         year = metadata.get("year")
         ground_truth = None
         if "dirname" in metadata and "split" in metadata:
@@ -217,102 +213,26 @@ class PascalVOCEvaluator(DatasetEvaluator):
         check_finite_outputs(image_ids, outputs)
         for image_id, target, output in zip(image_ids, targets, outputs, strict=True):
             if self.ground_truth is None:
-                gt_boxes = to_numpy(target["boxes"]).astype(np.float64).reshape(-1, 4)
-                gt_labels = to_numpy(target["labels"]).astype(np.int64).reshape(-1)
-                difficult = target.get("difficult")
-                gt_difficult = (
-                    np.zeros(len(gt_boxes), bool)
-                    if difficult is None
-                    else to_numpy(difficult).astype(bool).reshape(-1)
-                )
+                gt = target_ground_truth(target)
             else:
-                gt = self._file_ground_truth(target, image_id)
-                gt_boxes, gt_labels, gt_difficult = gt["boxes"], gt["labels"], gt["difficult"]
+                gt = file_ground_truth(self.ground_truth, target, image_id)
                 if "size" in target and "orig_size" in target:
                     output = rescale_to_original(output, target)
-            self._records.append(
-                {
-                    "image_id": image_id,
-                    "gt_boxes": np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4),
-                    "gt_labels": np.asarray(gt_labels, dtype=np.int64).reshape(-1),
-                    "gt_difficult": np.asarray(gt_difficult, dtype=bool).reshape(-1),
-                    "boxes": to_numpy(output["boxes"]).astype(np.float64).reshape(-1, 4),
-                    "scores": to_numpy(output["scores"]).astype(np.float64).reshape(-1),
-                    "labels": to_numpy(output["labels"]).astype(np.int64).reshape(-1),
-                }
-            )
-
-    def _file_ground_truth(self, target: Mapping[str, Any], image_id: int) -> Mapping[str, Any]:
-        """The files' ground truth of ``image_id``, checked to be the target's image."""
-        gt = self.ground_truth.get(image_id)
-        if gt is None:
-            raise ValueError(
-                f"image id {image_id} ('{target.get('file_name', '?')}') is not in the VOC split "
-                f"this evaluator read ({len(self.ground_truth)} images); the evaluator was built "
-                "for another dataset"
-            )
-        expected = gt.get("file_name")
-        found = target.get("file_name")
-        if expected is not None and found is not None and str(found) != str(expected):
-            raise ValueError(
-                f"image id {image_id} is '{found}' in the loader's target but '{expected}' in the "
-                f"VOC split the evaluator read ('{gt.get('xml_file')}'); the evaluator was built "
-                "for another dataset"
-            )
-        return gt
+            self._records.append(detection_record(image_id, gt, output))
 
     def evaluate(self) -> Results:
-        gathered = all_gather_object(self._records)
-        if not is_main_process():
+        records = gathered_records(self._records)
+        if records is None:
             return {}
-        records = unique_by_image_id(gathered)
         if not any(len(r["scores"]) for r in records):
             logger.warning(
                 "VOC evaluation: no predictions (%d images processed); AP is 0 for every class "
                 "with ground truth",
                 len(records),
             )
-        num_classes = len(self.class_names)
-        for r in records:
-            for key in ("gt_labels", "labels"):
-                bad = sorted({int(x) for x in r[key] if not 1 <= x <= num_classes})
-                if bad:
-                    raise ValueError(
-                        f"image {r['image_id']}: {key} {bad} are outside 1..{num_classes} "
-                        f"({num_classes} class_names)"
-                    )
-
-        # ap[c, t]: class c at threshold IOU_THRESHOLDS[t], in percent
-        ap = np.full((num_classes, len(IOU_THRESHOLDS)), np.nan)
-        for c in range(num_classes):
-            label = c + 1
-            ground_truth = {}
-            detections = []
-            for r in records:
-                keep = r["gt_labels"] == label
-                ground_truth[r["image_id"]] = (r["gt_boxes"][keep], r["gt_difficult"][keep])
-                for k in np.flatnonzero(r["labels"] == label):
-                    detections.append((r["image_id"], float(r["scores"][k]), r["boxes"][k]))
-            curves = voc_class_recall_precision(detections, ground_truth, IOU_THRESHOLDS)
-            if curves[0][2] == 0:
-                logger.warning(
-                    "VOC evaluation: class '%s' has no non-difficult ground truth; its AP is NaN "
-                    "and left out of the mean",
-                    self.class_names[c],
-                )
-                continue
-            for t, (recall, precision, _) in enumerate(curves):
-                ap[c, t] = 100.0 * voc_ap(recall, precision, self.use_07_metric)
-
-        t50, t75 = IOU_THRESHOLDS.index(0.5), IOU_THRESHOLDS.index(0.75)
-        metrics = {
-            "AP": nanmean(np.array([nanmean(ap[:, t]) for t in range(ap.shape[1])])),
-            "AP50": nanmean(ap[:, t50]),
-            "AP75": nanmean(ap[:, t75]),
-        }
-        for c, name in enumerate(self.class_names):
-            metrics[f"AP-{name}"] = nanmean(ap[c])
-            metrics[f"AP50-{name}"] = float(ap[c, t50])
+        check_labels(records, len(self.class_names))
+        ap = ap_per_class(records, self.class_names, self.use_07_metric)
+        metrics = voc_metrics(ap, self.class_names)
         logger.info(
             "VOC%s mAP: AP=%.3f AP50=%.3f AP75=%.3f",
             "2007 11-point" if self.use_07_metric else " area",
@@ -321,3 +241,112 @@ class PascalVOCEvaluator(DatasetEvaluator):
             metrics["AP75"],
         )
         return {"bbox": metrics}
+
+
+def target_ground_truth(target: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The loader target's ``"boxes"``, ``"labels"`` and ``"difficult"`` (default: none is)."""
+    gt_boxes = to_numpy(target["boxes"]).astype(np.float64).reshape(-1, 4)
+    difficult = target.get("difficult")
+    return {
+        "boxes": gt_boxes,
+        "labels": to_numpy(target["labels"]).astype(np.int64).reshape(-1),
+        "difficult": (
+            np.zeros(len(gt_boxes), bool)
+            if difficult is None
+            else to_numpy(difficult).astype(bool).reshape(-1)
+        ),
+    }
+
+
+def file_ground_truth(
+    ground_truth: Mapping[int, Mapping[str, Any]], target: Mapping[str, Any], image_id: int
+) -> Mapping[str, Any]:
+    """The files' ground truth of ``image_id``, checked to be the target's image."""
+    gt = ground_truth.get(image_id)
+    if gt is None:
+        raise ValueError(
+            f"image id {image_id} ('{target.get('file_name', '?')}') is not in the VOC split "
+            f"this evaluator read ({len(ground_truth)} images); the evaluator was built "
+            "for another dataset"
+        )
+    expected = gt.get("file_name")
+    found = target.get("file_name")
+    if expected is not None and found is not None and str(found) != str(expected):
+        raise ValueError(
+            f"image id {image_id} is '{found}' in the loader's target but '{expected}' in the "
+            f"VOC split the evaluator read ('{gt.get('xml_file')}'); the evaluator was built "
+            "for another dataset"
+        )
+    return gt
+
+
+def detection_record(
+    image_id: int, gt: Mapping[str, Any], output: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What is kept of one image: its ground truth and its detections, as arrays."""
+    return {
+        "image_id": image_id,
+        "gt_boxes": np.asarray(gt["boxes"], dtype=np.float64).reshape(-1, 4),
+        "gt_labels": np.asarray(gt["labels"], dtype=np.int64).reshape(-1),
+        "gt_difficult": np.asarray(gt["difficult"], dtype=bool).reshape(-1),
+        "boxes": to_numpy(output["boxes"]).astype(np.float64).reshape(-1, 4),
+        "scores": to_numpy(output["scores"]).astype(np.float64).reshape(-1),
+        "labels": to_numpy(output["labels"]).astype(np.int64).reshape(-1),
+    }
+
+
+def check_labels(records: Sequence[Mapping[str, Any]], num_classes: int) -> None:
+    """Every ground-truth and predicted label is in ``1..num_classes``."""
+    for r in records:
+        for key in ("gt_labels", "labels"):
+            bad = sorted({int(x) for x in r[key] if not 1 <= x <= num_classes})
+            if bad:
+                raise ValueError(
+                    f"image {r['image_id']}: {key} {bad} are outside 1..{num_classes} "
+                    f"({num_classes} class_names)"
+                )
+
+
+def ap_per_class(
+    records: Sequence[Mapping[str, Any]], class_names: Sequence[str], use_07_metric: bool
+) -> np.ndarray:
+    """``ap[c, t]``: AP in percent of class ``c`` at threshold ``IOU_THRESHOLDS[t]``.
+
+    A class without non-difficult ground truth has NaN, with a warning.
+    """
+    ap = np.full((len(class_names), len(IOU_THRESHOLDS)), np.nan)
+    for c in range(len(class_names)):
+        label = c + 1
+        ground_truth = {}
+        detections = []
+        for r in records:
+            keep = r["gt_labels"] == label
+            ground_truth[r["image_id"]] = (r["gt_boxes"][keep], r["gt_difficult"][keep])
+            for k in np.flatnonzero(r["labels"] == label):
+                detections.append((r["image_id"], float(r["scores"][k]), r["boxes"][k]))
+        curves = voc_class_recall_precision(detections, ground_truth, IOU_THRESHOLDS)
+        if curves[0][2] == 0:
+            logger.warning(
+                "VOC evaluation: class '%s' has no non-difficult ground truth; its AP is NaN "
+                "and left out of the mean",
+                class_names[c],
+            )
+            continue
+        for t, (recall, precision, _) in enumerate(curves):
+            ap[c, t] = 100.0 * voc_ap(recall, precision, use_07_metric)
+    return ap
+
+
+def voc_metrics(ap: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """``AP`` (mean over 0.50:0.95), ``AP50``, ``AP75`` and per class ``AP-`` / ``AP50-<class>``
+    of the :func:`ap_per_class` matrix; NaN classes are left out of the means."""
+    t50, t75 = IOU_THRESHOLDS.index(0.5), IOU_THRESHOLDS.index(0.75)
+    metrics = {
+        "AP": nanmean(np.array([nanmean(ap[:, t]) for t in range(ap.shape[1])])),
+        "AP50": nanmean(ap[:, t50]),
+        "AP75": nanmean(ap[:, t75]),
+    }
+    for c, name in enumerate(class_names):
+        metrics[f"AP-{name}"] = nanmean(ap[c])
+        metrics[f"AP50-{name}"] = float(ap[c, t50])
+    return metrics

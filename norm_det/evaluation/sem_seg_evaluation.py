@@ -14,22 +14,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from norm_det.data.image_io import read_label_png
 from norm_det.data.postprocess import rescale_to_original
 from norm_det.evaluation.evaluator import (
     DatasetEvaluator,
     Results,
+    gathered_records,
     image_id_of,
     nanmean,
+    require_metadata,
     to_numpy,
-    unique_by_image_id,
 )
-from norm_det.evaluation.guards import check_finite_sem_seg
-from norm_det.utils.comm import all_gather_object, is_main_process
+from norm_det.evaluation.guards import check_finite_sem_seg, sem_seg_logits
 
-__all__ = ["SemSegEvaluator", "segmentation_metrics"]
+__all__ = ["LabelFileReader", "SemSegEvaluator", "confusion_record", "segmentation_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,23 +67,15 @@ class SemSegEvaluator(DatasetEvaluator):
             raise ValueError("class_names is empty; segmentation evaluation needs the classes")
         self.class_names = list(class_names)
         self.ignore_label = ignore_label
-        self._lut = None
-        if label_id_to_train_id is not None:
-            mapping = {int(k): int(v) for k, v in label_id_to_train_id.items()}
-            # -1 marks ids outside the label set
-            self._lut = np.full(max(max(mapping, default=0) + 1, 256), -1, np.int64)
-            for label_id, train_id in mapping.items():
-                self._lut[label_id] = train_id
+        self._label_files = LabelFileReader(label_id_to_train_id)
         self._records: list[dict[str, Any]] = []
 
     @classmethod
     def from_config(cls, cfg: Any, metadata: Mapping[str, Any]) -> SemSegEvaluator:
         """Metadata ``"stuff_classes"``, ``"ignore_label"``, ``"label_id_to_train_id"``."""
-        if "stuff_classes" not in metadata:
-            raise ValueError(
-                f"dataset metadata has no 'stuff_classes' (keys: {sorted(metadata)}); semantic "
-                "segmentation evaluation needs the class names"
-            )
+        require_metadata(
+            metadata, "stuff_classes", "semantic segmentation evaluation needs the class names"
+        )
         return cls(
             metadata["stuff_classes"],
             ignore_label=int(metadata.get("ignore_label", 255)),
@@ -104,16 +95,12 @@ class SemSegEvaluator(DatasetEvaluator):
         files = [target.get("file_name", target.get("sem_seg_file_name")) for target in targets]
         check_finite_sem_seg(image_ids, outputs, files)
         for image_id, target, output in zip(image_ids, targets, outputs, strict=True):
-            logits = torch.as_tensor(output["sem_seg"])
-            if logits.ndim != 3 or logits.shape[0] != num_classes:
-                raise ValueError(
-                    f"image {image_id}: outputs['sem_seg'] must be (K={num_classes}, H, W) "
-                    f"logits, got shape {tuple(logits.shape)}"
-                )
+            expected = f"(K={num_classes}, H, W) logits"
+            logits = sem_seg_logits(output, image_id, num_classes, expected)
             if _resized(target) and "sem_seg_file_name" in target:
                 logits = rescale_to_original({"sem_seg": logits}, target)["sem_seg"]
                 source = f"label file '{target['sem_seg_file_name']}'"
-                gt = self._read_train_ids(target["sem_seg_file_name"], image_id)
+                gt = self._label_files.train_ids(target["sem_seg_file_name"], image_id)
             else:
                 source = "targets['sem_seg']"
                 gt = to_numpy(target["sem_seg"]).astype(np.int64)
@@ -123,23 +110,49 @@ class SemSegEvaluator(DatasetEvaluator):
                     f"but {source} is {gt.shape}; predict at the input image's size"
                 )
             pred = to_numpy(logits.argmax(0)).astype(np.int64)
-            valid = gt != self.ignore_label
-            bad = np.unique(gt[valid & ((gt < 0) | (gt >= num_classes))])
-            if bad.size:
-                raise ValueError(
-                    f"image {image_id}: {source} has ids {bad.tolist()} outside "
-                    f"0..{num_classes - 1} and the ignore label {self.ignore_label}"
-                )
-            # Per-image sparse counts, so that images a distributed sampler repeated can be
-            # dropped before summing.
-            cells = gt[valid] * num_classes + pred[valid]
-            counts = np.bincount(cells, minlength=num_classes * num_classes)
-            nonzero = np.flatnonzero(counts)
-            self._records.append(
-                {"image_id": image_id, "cells": nonzero.astype(np.int32), "counts": counts[nonzero]}
-            )
+            record = confusion_record(image_id, gt, pred, num_classes, self.ignore_label, source)
+            self._records.append(record)
 
-    def _read_train_ids(self, path: str, image_id: int) -> np.ndarray:
+    def evaluate(self) -> Results:
+        records = gathered_records(self._records)
+        if records is None:
+            return {}
+        num_classes = len(self.class_names)
+        confusion = np.zeros(num_classes * num_classes, np.int64)
+        for record in records:
+            confusion[record["cells"]] += record["counts"]
+        confusion = confusion.reshape(num_classes, num_classes)
+        if confusion.sum() == 0:
+            logger.warning(
+                "semantic segmentation evaluation: no labelled pixels were processed; every "
+                "metric is NaN"
+            )
+        return {"sem_seg": segmentation_metrics(confusion, self.class_names)}
+
+
+class LabelFileReader:
+    """Label PNGs read as train ids.
+
+    Args:
+        label_id_to_train_id: how the files' label ids map to train ids (Cityscapes' label
+            ids); None: the files hold train ids.
+    """
+
+    def __init__(self, label_id_to_train_id: Mapping[int, int] | None) -> None:
+        self._lut = None
+        if label_id_to_train_id is not None:
+            mapping = {int(k): int(v) for k, v in label_id_to_train_id.items()}
+            # -1 marks ids outside the label set
+            self._lut = np.full(max(max(mapping, default=0) + 1, 256), -1, np.int64)
+            for label_id, train_id in mapping.items():
+                self._lut[label_id] = train_id
+
+    def train_ids(self, path: str, image_id: int) -> np.ndarray:
+        """The (H, W) train ids of label file ``path`` (of image ``image_id``, for errors).
+
+        Raises:
+            ValueError: the file has ids the mapping does not map.
+        """
         labels = read_label_png(path, image_id=image_id)
         if self._lut is None:
             return labels
@@ -153,21 +166,34 @@ class SemSegEvaluator(DatasetEvaluator):
             )
         return train_ids
 
-    def evaluate(self) -> Results:
-        gathered = all_gather_object(self._records)
-        if not is_main_process():
-            return {}
-        num_classes = len(self.class_names)
-        confusion = np.zeros(num_classes * num_classes, np.int64)
-        for record in unique_by_image_id(gathered):
-            confusion[record["cells"]] += record["counts"]
-        confusion = confusion.reshape(num_classes, num_classes)
-        if confusion.sum() == 0:
-            logger.warning(
-                "semantic segmentation evaluation: no labelled pixels were processed; every "
-                "metric is NaN"
-            )
-        return {"sem_seg": segmentation_metrics(confusion, self.class_names)}
+
+def confusion_record(
+    image_id: int,
+    gt: np.ndarray,
+    pred: np.ndarray,
+    num_classes: int,
+    ignore_label: int,
+    source: str,
+) -> dict[str, Any]:
+    """One image's confusion counts (rows: ``gt``, columns: ``pred``) as sparse cells.
+
+    Per image, so that images a distributed sampler repeated can be dropped before summing.
+
+    Raises:
+        ValueError: ``gt`` (from ``source``) has ids outside ``0..num_classes - 1`` other than
+            ``ignore_label``.
+    """
+    valid = gt != ignore_label
+    bad = np.unique(gt[valid & ((gt < 0) | (gt >= num_classes))])
+    if bad.size:
+        raise ValueError(
+            f"image {image_id}: {source} has ids {bad.tolist()} outside "
+            f"0..{num_classes - 1} and the ignore label {ignore_label}"
+        )
+    cells = gt[valid] * num_classes + pred[valid]
+    counts = np.bincount(cells, minlength=num_classes * num_classes)
+    nonzero = np.flatnonzero(counts)
+    return {"image_id": image_id, "cells": nonzero.astype(np.int32), "counts": counts[nonzero]}
 
 
 def segmentation_metrics(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from norm_det.layers.checks import check_fraction, check_positive
+from norm_det.layers.checks import check_feature_maps, check_fraction, check_positive
 from norm_det.layers.group_norm import DEFAULT_GROUPS, resolve_groups
 
 
@@ -130,11 +130,7 @@ class BatchChannelNorm2d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_channels:
-            raise ValueError(
-                f"BatchChannelNorm2d({self.extra_repr()}): expected (N, {self.num_channels}, H, W) "
-                f"input; got {tuple(x.shape)}"
-            )
+        check_feature_maps(self, x, self.num_channels)
         return F.group_norm(self._batch_stage(x), self.num_groups, self.weight, self.bias, self.eps)
 
     def folded_affine(self) -> None:

@@ -72,7 +72,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from norm_det.layers.checks import check_fraction, check_integer, check_positive
+from norm_det.layers.checks import (
+    check_feature_maps,
+    check_fraction,
+    check_integer,
+    check_positive,
+)
+from norm_det.layers.norm_state import init_norm_state, inverse_std_scale, register_affine
+
+# {parameter name: (dmu/dp, dsigma^2/dp, p)}, per output channel, all detached.
+Taylor = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class _PastIteration(NamedTuple):
@@ -85,17 +94,7 @@ class _PastIteration(NamedTuple):
 
     mean: torch.Tensor
     var: torch.Tensor
-    taylor: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def register_affine(module: nn.Module, num_features: int, affine: bool, **factory) -> None:
-    """BN's per-channel ``weight`` (ones) and ``bias`` (zeros), or both None."""
-    if affine:
-        module.weight = nn.Parameter(torch.ones(num_features, **factory))
-        module.bias = nn.Parameter(torch.zeros(num_features, **factory))
-    else:
-        module.register_parameter("weight", None)
-        module.register_parameter("bias", None)
+    taylor: Taylor
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -103,7 +102,218 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).reshape(a.shape[0], -1).sum(dim=1)
 
 
-class CrossIterationBatchNorm2d(nn.Module):
+def check_pairable(owner: str, num_features: int, conv: nn.Module) -> None:
+    """``ValueError`` naming ``owner`` unless ``conv`` has a weight of ``(num_features, ...)``."""
+    weight = getattr(conv, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        raise ValueError(
+            f"{owner}.pair_with: expected a convolution with a weight of ({num_features}, ...); "
+            f"got {type(conv).__name__} with weight "
+            f"{None if weight is None else tuple(weight.shape)}"
+        )
+    if weight.shape[0] != num_features:
+        raise ValueError(
+            f"{owner}.pair_with: the convolution has {weight.shape[0]} output channels; this "
+            f"layer normalizes {num_features}"
+        )
+
+
+def output_channel_parameters(conv: nn.Module, num_features: int) -> dict[str, torch.Tensor]:
+    """``conv``'s own parameters indexed by output channel (leading dimension ``num_features``)."""
+    return {
+        name: p
+        for name, p in conv.named_parameters(recurse=False)
+        if p.dim() >= 1 and p.shape[0] == num_features
+    }
+
+
+def taylor_gradients(
+    mean: torch.Tensor, var: torch.Tensor, tracked: dict[str, torch.Tensor]
+) -> Taylor | None:
+    """``{name: (dmu_t/dp, dsigma_t^2/dp, p)}`` for the ``tracked`` parameters, detached.
+
+    None when the statistics do not depend on the ``weight`` among them (or on any of them):
+    the layer is then not paired with the convolution whose output it normalizes.
+    """
+    inputs = tuple(tracked.values())
+    weight = tracked.get("weight")
+    if not mean.requires_grad:
+        return None
+    ones = torch.ones_like(mean)
+    # Channel c depends on row c of each parameter only, so the gradient of the sum over
+    # channels holds every channel's own gradient in its row.
+    grad_mean = torch.autograd.grad(mean, inputs, ones, retain_graph=True, allow_unused=True)
+    grad_var = torch.autograd.grad(var, inputs, ones, retain_graph=True, allow_unused=True)
+    if weight is not None and grad_mean[tuple(tracked).index("weight")] is None:
+        return None
+    return {
+        name: (gm, gv, p.detach().clone())
+        for (name, p), gm, gv in zip(tracked.items(), grad_mean, grad_var)
+        if gm is not None and gv is not None
+    }
+
+
+def compensate(
+    past: _PastIteration, params: dict[str, torch.Tensor], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu, sigma^2)`` of a past iteration moved to the current ``params`` (first order).
+
+    The Taylor term of every parameter still held; ``sigma^2(theta_t)`` is kept non-negative
+    (``max(nu, mu^2) - mu^2 = max(sigma^2, 0)``, with ``nu`` and ``mu`` both compensated).
+    ``like``: the current statistics, whose dtype the shifts take.
+    """
+    mean_shift = torch.zeros_like(like)
+    var_shift = torch.zeros_like(like)
+    for name, (grad_mean, grad_var, then) in past.taylor.items():
+        if name not in params:
+            continue
+        step = params[name].detach() - then
+        mean_shift += _row_dot(grad_mean, step).to(like.dtype)
+        var_shift += _row_dot(grad_var, step).to(like.dtype)
+    return past.mean + mean_shift, (past.var + var_shift - mean_shift.square()).clamp(min=0)
+
+
+def pool_window(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    history: list[_PastIteration],
+    params: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled ``(mu_bar, sigma_bar^2)`` of the current ``(mean, var)`` and ``history``.
+
+    ``sigma_bar^2 = mean(max(sigma_tau^2, 0)) + mean((mu_tau - mu_bar)^2)``, which is the
+    paper's ``nu_bar - mu_bar^2`` (module docstring).
+    """
+    means, variances = [mean], [var]
+    for past in history:
+        past_mean, past_var = compensate(past, params, mean)
+        means.append(past_mean)
+        variances.append(past_var)
+    stacked_means = torch.stack(means)
+    pooled_mean = stacked_means.mean(dim=0)
+    pooled_var = torch.stack(variances).mean(dim=0)
+    pooled_var = pooled_var + (stacked_means - pooled_mean).square().mean(dim=0)
+    return pooled_mean, pooled_var
+
+
+def normalize(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel of ``x: (N, C, H, W)``."""
+    scale = inverse_std_scale(var, eps, weight)
+    # Centre first, as BatchNorm2d does: x * scale - mean * scale would cancel two large
+    # numbers in float32 where the mean is many standard deviations.
+    out = (x - mean.to(x.dtype).view(1, -1, 1, 1)) * scale.to(x.dtype).view(1, -1, 1, 1)
+    return out if bias is None else out + bias.to(x.dtype).view(1, -1, 1, 1)
+
+
+def _batch_norm(norm: CrossIterationBatchNorm2d, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """BatchNorm2d's forward with ``norm``'s state: the batch's statistics or the running ones."""
+    momentum = norm.momentum if training else 0.0
+    return F.batch_norm(
+        x, norm.running_mean, norm.running_var, norm.weight, norm.bias, training, momentum, norm.eps
+    )
+
+
+@torch.no_grad()
+def _update_running_statistics(
+    norm: CrossIterationBatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int
+) -> None:
+    """The running mean and unbiased variance move by ``momentum``, as BatchNorm2d's do."""
+    norm.running_mean.lerp_(mean.detach().to(norm.running_mean), norm.momentum)
+    unbiased = var.detach() * (count / (count - 1))
+    norm.running_var.lerp_(unbiased.to(norm.running_var), norm.momentum)
+
+
+class _PairedNorm(nn.Module):
+    """A norm whose statistics depend on the weights of the convolution before it.
+
+    The layer protocol's ``pair_with``: the norm holds that convolution, and a history of
+    statistics of past iterations, which it forgets whenever the weights may have changed (a new
+    pairing, a loaded state dict, ``.to()``). Subclasses define ``num_features``.
+    """
+
+    num_features: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Plain attributes, not submodules or buffers: the convolution belongs to the model (no
+        # second copy of its weight in the state dict), and DistributedDataParallel must not
+        # broadcast one process's history to the others.
+        object.__setattr__(self, "_paired_conv", None)
+        self._history: list[_PastIteration] = []
+
+    def pair_with(self, conv: nn.Module) -> None:
+        """Use ``conv``'s parameters for the Taylor term; ``conv`` computes this layer's input.
+
+        ``conv`` is held as a plain attribute, not registered: it stays out of this layer's
+        ``state_dict`` and ``modules()``, and a ``deepcopy`` of the model pairs the copies.
+
+        Raises:
+            ValueError: ``conv`` has no ``weight`` of ``(num_features, ...)``.
+        """
+        check_pairable(type(self).__name__, self.num_features, conv)
+        object.__setattr__(self, "_paired_conv", conv)
+        self.reset_history()
+
+    @property
+    def paired_conv(self) -> nn.Module | None:
+        """The convolution given to :meth:`pair_with`, or None."""
+        return self._paired_conv
+
+    def reset_history(self) -> None:
+        """Forget the past iterations; the window fills again from the next one."""
+        self._history.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # The history is not moved with the buffers (it is no buffer): rebuild it instead.
+        self.reset_history()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # New weights: the statistics of the past no longer describe them.
+        self.reset_history()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def _training_count(norm: CrossIterationBatchNorm2d, x: torch.Tensor) -> int:
+    """The values per channel of the training batch ``x``; raises where CBN cannot train on it."""
+    if norm.window > 1 and norm.paired_conv is None:
+        raise RuntimeError(
+            f"{type(norm).__name__}({norm.extra_repr()}) is not paired with the convolution "
+            "whose output it normalizes: call norm.pair_with(conv) (norm_det's "
+            "build_conv_norm and surgery.convert pair the norms they build)"
+        )
+    count = x.numel() // norm.num_features
+    if count < 2:
+        raise ValueError(
+            f"{type(norm).__name__}: expected more than 1 value per channel when training; "
+            f"got input of size {tuple(x.shape)}"
+        )
+    return count
+
+
+def batch_norm_folded_affine(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm's eval transform ``y = scale * x + shift``, per channel ``(C,)``."""
+    scale = inverse_std_scale(running_var, eps, weight)
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+class CrossIterationBatchNorm2d(_PairedNorm):
     """Batch normalization over the compensated statistics of the last ``window`` iterations.
 
     Args:
@@ -146,190 +356,51 @@ class CrossIterationBatchNorm2d(nn.Module):
         check_fraction(name, "momentum", momentum)
         check_positive(name, "eps", eps)
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
+        init_norm_state(self, num_features, eps=eps, momentum=momentum, affine=affine, **factory)
         self.window = window
         self.burnin = burnin
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        register_affine(self, num_features, affine, **factory)
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.register_buffer(
             "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
         )
-        # Plain attributes, not submodules or buffers: the convolution belongs to the model (no
-        # second copy of its weight in the state dict), and DistributedDataParallel must not
-        # broadcast one process's history to the others.
-        object.__setattr__(self, "_paired_conv", None)
-        self._history: list[_PastIteration] = []
-
-    # -----------------------------------------------------------------------------------------
-    # Pairing and history
-
-    def pair_with(self, conv: nn.Module) -> None:
-        """Use ``conv``'s parameters for the Taylor term; ``conv`` computes this layer's input.
-
-        ``conv`` is held as a plain attribute, not registered: it stays out of this layer's
-        ``state_dict`` and ``modules()``, and a ``deepcopy`` of the model pairs the copies.
-
-        Raises:
-            ValueError: ``conv`` has no ``weight`` of ``(num_features, ...)``.
-        """
-        weight = getattr(conv, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-            raise ValueError(
-                f"{type(self).__name__}.pair_with: expected a convolution with a weight of "
-                f"({self.num_features}, ...); got {type(conv).__name__} with weight "
-                f"{None if weight is None else tuple(weight.shape)}"
-            )
-        if weight.shape[0] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}.pair_with: the convolution has {weight.shape[0]} output "
-                f"channels; this layer normalizes {self.num_features}"
-            )
-        object.__setattr__(self, "_paired_conv", conv)
-        self.reset_history()
-
-    @property
-    def paired_conv(self) -> nn.Module | None:
-        """The convolution given to :meth:`pair_with`, or None."""
-        return self._paired_conv
-
-    def reset_history(self) -> None:
-        """Forget the past iterations; the window fills again from the next one."""
-        self._history.clear()
-
-    def _apply(self, fn, *args, **kwargs):
-        # The history is not moved with the buffers (it is no buffer): rebuild it instead.
-        self.reset_history()
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        # New weights: the statistics of the past no longer describe them.
-        self.reset_history()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _taylor_parameters(self) -> dict[str, torch.Tensor]:
-        """The paired convolution's parameters indexed by output channel."""
-        return {
-            name: p
-            for name, p in self._paired_conv.named_parameters(recurse=False)
-            if p.dim() >= 1 and p.shape[0] == self.num_features
-        }
 
     # -----------------------------------------------------------------------------------------
     # Forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.extra_repr()}): expected (N, {self.num_features}, "
-                f"H, W) input; got {tuple(x.shape)}"
-            )
+        check_feature_maps(self, x, self.num_features)
         if not self.training or x.numel() == 0:
             # An empty batch (a head with no boxes) has no statistics: eval transform, no update.
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
-        if self.window > 1 and self._paired_conv is None:
-            raise RuntimeError(
-                f"{type(self).__name__}({self.extra_repr()}) is not paired with the convolution "
-                "whose output it normalizes: call norm.pair_with(conv) (norm_det's "
-                "build_conv_norm and surgery.convert pair the norms they build)"
-            )
-        count = x.numel() // self.num_features
-        if count < 2:
-            raise ValueError(
-                f"{type(self).__name__}: expected more than 1 value per channel when training; "
-                f"got input of size {tuple(x.shape)}"
-            )
+            return _batch_norm(self, x, training=False)
+        count = _training_count(self, x)
         self.num_batches_tracked.add_(1)
         if self.window == 1 or int(self.num_batches_tracked) <= self.burnin:
             self.reset_history()
-            return F.batch_norm(
-                x,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                True,
-                self.momentum,
-                self.eps,
-            )
+            return _batch_norm(self, x, training=True)
         return self._cross_iteration_forward(x, count)
 
     def _cross_iteration_forward(self, x: torch.Tensor, count: int) -> torch.Tensor:
         stats_input = x if x.dtype in (torch.float32, torch.float64) else x.float()
         var, mean = torch.var_mean(stats_input, dim=(0, 2, 3), correction=0)
-        params = self._taylor_parameters()
+        params = output_channel_parameters(self._paired_conv, self.num_features)
         tracked = {name: p for name, p in params.items() if p.requires_grad}
         differentiable = torch.is_grad_enabled() and bool(tracked)
-        taylor = self._current_gradients(mean, var, tracked) if differentiable else {}
-
-        means, variances = [mean], [var]
-        for past in self._history:
-            mean_shift = torch.zeros_like(mean)
-            var_shift = torch.zeros_like(var)
-            for name, (grad_mean, grad_var, then) in past.taylor.items():
-                if name not in params:
-                    continue
-                step = params[name].detach() - then
-                mean_shift += _row_dot(grad_mean, step).to(mean.dtype)
-                var_shift += _row_dot(grad_var, step).to(var.dtype)
-            means.append(past.mean + mean_shift)
-            # max(nu, mu^2) - mu^2 = max(sigma^2, 0), with nu and mu both compensated.
-            variances.append((past.var + var_shift - mean_shift.square()).clamp(min=0))
-        stacked_means = torch.stack(means)
-        pooled_mean = stacked_means.mean(dim=0)
-        pooled_var = torch.stack(variances).mean(dim=0)
-        pooled_var = pooled_var + (stacked_means - pooled_mean).square().mean(dim=0)
-
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach().to(self.running_mean), self.momentum)
-            unbiased = var.detach() * (count / (count - 1))
-            self.running_var.lerp_(unbiased.to(self.running_var), self.momentum)
-        # The current iteration joins the window when its gradients are known (or not needed:
-        # frozen convolution); a no-grad forward in training mode reads the window only.
-        if differentiable or not tracked:
-            self._history.insert(0, _PastIteration(mean.detach(), var.detach(), taylor))
-            del self._history[self.window - 1 :]
-
-        scale = torch.rsqrt(pooled_var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        # Centre first, as BatchNorm2d does: x * scale - mean * scale would cancel two large
-        # numbers in float32 where the mean is many standard deviations.
-        out = (x - pooled_mean.to(x.dtype).view(1, -1, 1, 1)) * scale.to(x.dtype).view(1, -1, 1, 1)
-        return out if self.bias is None else out + self.bias.to(x.dtype).view(1, -1, 1, 1)
-
-    def _current_gradients(
-        self, mean: torch.Tensor, var: torch.Tensor, tracked: dict[str, torch.Tensor]
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``{name: (dmu_t/dp, dsigma_t^2/dp, p)}`` for the paired parameters, detached."""
-        inputs = tuple(tracked.values())
-        weight = tracked.get("weight")
-        connected = mean.requires_grad
-        if connected:
-            ones = torch.ones_like(mean)
-            # Channel c depends on row c of each parameter only, so the gradient of the sum
-            # over channels holds every channel's own gradient in its row.
-            grad_mean = torch.autograd.grad(
-                mean, inputs, ones, retain_graph=True, allow_unused=True
-            )
-            grad_var = torch.autograd.grad(var, inputs, ones, retain_graph=True, allow_unused=True)
-            connected = weight is None or grad_mean[tuple(tracked).index("weight")] is not None
-        if not connected:
+        taylor = taylor_gradients(mean, var, tracked) if differentiable else {}
+        if taylor is None:
             raise RuntimeError(
                 f"{type(self).__name__}({self.extra_repr()}): the input does not depend on the "
                 f"paired {type(self._paired_conv).__name__}'s weight; pair the layer with the "
                 "convolution whose output it normalizes (pair_with)"
             )
-        return {
-            name: (gm, gv, p.detach().clone())
-            for (name, p), gm, gv in zip(tracked.items(), grad_mean, grad_var)
-            if gm is not None and gv is not None
-        }
+        pooled_mean, pooled_var = pool_window(mean, var, self._history, params)
+        _update_running_statistics(self, mean, var, count)
+        # The current iteration joins the window when its gradients are known (or not needed:
+        # frozen convolution); a no-grad forward in training mode reads the window only.
+        if differentiable or not tracked:
+            self._history.insert(0, _PastIteration(mean.detach(), var.detach(), taylor))
+            del self._history[self.window - 1 :]
+        return normalize(x, pooled_mean, pooled_var, self.eps, self.weight, self.bias)
 
     # -----------------------------------------------------------------------------------------
     # Inference
@@ -337,13 +408,9 @@ class CrossIterationBatchNorm2d(nn.Module):
     @torch.no_grad()
     def folded_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval transform ``y = scale * x + shift``, per channel ``(C,)``."""
-        scale = torch.rsqrt(self.running_var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -self.running_mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
-        return scale, shift
+        return batch_norm_folded_affine(
+            self.running_mean, self.running_var, self.eps, self.weight, self.bias
+        )
 
     @torch.no_grad()
     def fuse(self) -> nn.BatchNorm2d:
@@ -361,4 +428,5 @@ class CrossIterationBatchNorm2d(nn.Module):
         )
 
 
-__all__ = ["CrossIterationBatchNorm2d"]
+# register_affine lived here; MABN and IterNorm share it from norm_det.layers.norm_state.
+__all__ = ["CrossIterationBatchNorm2d", "register_affine"]

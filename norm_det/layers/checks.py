@@ -1,5 +1,5 @@
-"""Constructor argument checks shared by the layers: a ``ValueError`` naming the layer, the
-argument, what was given and what is expected."""
+"""Argument checks shared by the layers: a ``ValueError`` naming the layer, the argument, what
+was given and what is expected."""
 
 from __future__ import annotations
 
@@ -22,4 +22,14 @@ def check_positive(owner: str, arg: str, value: float) -> None:
         raise ValueError(f"{owner}: {arg} must be > 0; got {value!r}")
 
 
-__all__ = ["check_fraction", "check_integer", "check_positive"]
+def check_feature_maps(layer: object, x: object, channels: int) -> None:
+    """``ValueError`` naming ``layer`` (its class and ``extra_repr``) unless ``x`` is a
+    ``(N, channels, H, W)`` tensor."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(
+            f"{type(layer).__name__}({layer.extra_repr()}): expected (N, {channels}, H, W) input; "
+            f"got {tuple(x.shape)}"
+        )
+
+
+__all__ = ["check_feature_maps", "check_fraction", "check_integer", "check_positive"]

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from norm_det.layers.protocol import no_weight_decay_parameters, track_step_layers
-from norm_det.layers.weight_std import plain_conv_like
+from norm_det.layers.weight_std import copy_plain_bias, plain_conv_like
 
 
 def check_czm_options(
@@ -64,7 +64,118 @@ def check_czm_options(
             raise ValueError(f"{owner}: {name} must be a number in {interval}; got {value!r}")
 
 
-class CZMConv2d(nn.Conv2d):
+def _filter_norms(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every output filter: ``(C_out, ...) -> (C_out,)``."""
+    return torch.linalg.vector_norm(weight.flatten(1), dim=1)
+
+
+def _check_czm_conv_options(
+    kernel_size: tuple[int, int], zmg: float, luma: float, init_scale: float
+) -> None:
+    """Raise ``ValueError`` for a :class:`CZMConv2d` built with a 1x1 kernel or a bad option."""
+    if kernel_size == (1, 1):
+        raise ValueError(
+            "CZMConv2d: kernel_size must have a spatial extent; got 1x1, whose channel-wise "
+            "zero mean would be an all-zero filter. Use czm_conv2d (plain nn.Conv2d for 1x1)."
+        )
+    check_czm_options("CZMConv2d", zmg=zmg, luma=luma)
+    if init_scale <= 0:
+        raise ValueError(f"CZMConv2d: init_scale (e^g) must be > 0; got {init_scale!r}")
+
+
+def czm_initial_filters(like: torch.Tensor) -> torch.Tensor:
+    """CZM initialisation (section 3.2) of a tensor shaped like ``like``, ``(C_out, C_in, kh, kw)``.
+
+    ``U(-1, 1)``, the spatial mean of every ``(out, in)`` slice removed, then every filter
+    scaled to unit L2 norm.
+    """
+    sample = torch.empty_like(like).uniform_(-1.0, 1.0)
+    sample -= sample.mean(dim=(-2, -1), keepdim=True)
+    return sample / _filter_norms(sample).view(-1, 1, 1, 1)
+
+
+def split_plain_filters(
+    weight: torch.Tensor, fallback: torch.Tensor, tiny: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(V, g)`` with ``e^g * V == weight`` and unit ``||V_f||``: the plain filters' parts.
+
+    ``V = W_f / ||W_f||`` and ``e^g = ||W_f||`` per filter; an all-zero filter takes its ``V``
+    from ``fallback`` (shaped like ``weight``) and ``e^g = tiny``.
+    """
+    norms = _filter_norms(weight)
+    nonzero = norms > 0
+    safe = torch.where(nonzero, norms, torch.ones_like(norms))
+    v = torch.where(nonzero.view(-1, 1, 1, 1), weight / safe.view(-1, 1, 1, 1), fallback)
+    return v, torch.where(nonzero, safe, torch.full_like(norms, tiny)).log()
+
+
+class _LumaAndCZMG:
+    """LUMA's gradient and CZMG (sections 3.3, 3.4) on a layer's ``v``, at every optimizer step.
+
+    Part of :class:`CZMConv2d`: the layer defines ``v``, ``zmg`` and ``luma``. Torch's optimizer
+    step pre-hook (:mod:`norm_det.layers.protocol`) runs :meth:`before_optimizer_step` on the
+    layers it tracks; layers track themselves when made, unpickled or deep-copied.
+    """
+
+    v: nn.Parameter
+    zmg: float
+    luma: float
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled and deep-copied layers are made without __init__: they take part too.
+        super().__setstate__(state)
+        track_step_layers(self)
+
+    def luma_loss(self) -> torch.Tensor | None:
+        """LUMA (section 3.4): scalar ``luma * sum_f (||V_f|| - 1)^2``, in the autograd graph.
+
+        None when ``luma`` is 0 or ``v`` is frozen. The layer applies its gradient itself at
+        every optimizer step; adding this value to a loss as well would apply it twice.
+        """
+        if self.luma == 0 or not self.v.requires_grad:
+            return None
+        return self.luma * (_filter_norms(self.v) - 1.0).square().sum()
+
+    @torch.no_grad()
+    def correct_gradient(self) -> None:
+        """CZMG (section 3.3): ``grad_V -= zmg * mean over (kh, kw) of grad_V``, in place.
+
+        A second call on the same gradient subtracts again; :meth:`before_optimizer_step` calls
+        it once per optimizer step.
+        """
+        grad = self.v.grad
+        if grad is None or self.zmg == 0:
+            return
+        grad.sub_(grad.mean(dim=(-2, -1), keepdim=True), alpha=self.zmg)
+
+    def before_optimizer_step(self) -> dict[str, torch.Tensor]:
+        """LUMA's gradient added to ``grad_V``, then CZMG: once per optimizer step.
+
+        Run by torch's optimizer step pre-hook (:mod:`norm_det.layers.protocol`) on the complete
+        gradient of the step. The result equals the old recipe — LUMA added to the loss of each
+        of the step's passes with the passes' weights (summing to 1), CZMG on the accumulated
+        gradient before the step — whatever the loop does. Without a task gradient (``v`` unused
+        in the forward) the gradient is LUMA's alone, as a loss term would have given.
+
+        Returns:
+            ``{"loss_luma": value}`` (detached; empty when LUMA is off), for logging.
+        """
+        values: dict[str, torch.Tensor] = {}
+        with torch.enable_grad():
+            loss = self.luma_loss()
+            if loss is not None:
+                (luma_grad,) = torch.autograd.grad(loss, self.v)
+        if loss is not None:
+            if self.v.grad is None:
+                self.v.grad = luma_grad
+            else:
+                self.v.grad.add_(luma_grad)
+            values["loss_luma"] = loss.detach()
+        self.correct_gradient()
+        return values
+
+
+class CZMConv2d(_LumaAndCZMG, nn.Conv2d):
     """Spatial convolution with CZM reparametrization, initialisation, gradients and LUMA.
 
     The layer computes ``conv(x, e^g * V) + b``. Its parameters are ``v`` (``(C_out,
@@ -120,14 +231,7 @@ class CZMConv2d(nn.Conv2d):
             device=device,
             dtype=dtype,
         )
-        if self.kernel_size == (1, 1):
-            raise ValueError(
-                "CZMConv2d: kernel_size must have a spatial extent; got 1x1, whose channel-wise "
-                "zero mean would be an all-zero filter. Use czm_conv2d (plain nn.Conv2d for 1x1)."
-            )
-        check_czm_options("CZMConv2d", zmg=zmg, luma=luma)
-        if init_scale <= 0:
-            raise ValueError(f"CZMConv2d: init_scale (e^g) must be > 0; got {init_scale!r}")
+        _check_czm_conv_options(self.kernel_size, zmg, luma, init_scale)
         self.zmg = zmg
         self.luma = luma
         self.init_scale = init_scale
@@ -138,11 +242,6 @@ class CZMConv2d(nn.Conv2d):
         self.g = nn.Parameter(template.new_empty(out_channels))
         self.step_losses: dict[str, torch.Tensor] = {}
         self.reset_parameters()
-        track_step_layers(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # Unpickled and deep-copied layers are made without __init__: they take part too.
-        super().__setstate__(state)
         track_step_layers(self)
 
     def __getattr__(self, name: str) -> Any:
@@ -157,9 +256,7 @@ class CZMConv2d(nn.Conv2d):
             # Called by nn.Conv2d.__init__ before `v` exists; that weight is discarded.
             super().reset_parameters()
             return
-        sample = torch.empty_like(self.v).uniform_(-1.0, 1.0)
-        sample -= sample.mean(dim=(-2, -1), keepdim=True)
-        self.v.copy_(sample / _filter_norms(sample).view(-1, 1, 1, 1))
+        self.v.copy_(czm_initial_filters(self.v))
         self.g.fill_(math.log(self.init_scale))
         if self.bias is not None:
             self.bias.zero_()
@@ -171,54 +268,6 @@ class CZMConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
 
-    def luma_loss(self) -> torch.Tensor | None:
-        """LUMA (section 3.4): scalar ``luma * sum_f (||V_f|| - 1)^2``, in the autograd graph.
-
-        None when ``luma`` is 0 or ``v`` is frozen. The layer applies its gradient itself at
-        every optimizer step; adding this value to a loss as well would apply it twice.
-        """
-        if self.luma == 0 or not self.v.requires_grad:
-            return None
-        return self.luma * (_filter_norms(self.v) - 1.0).square().sum()
-
-    @torch.no_grad()
-    def correct_gradient(self) -> None:
-        """CZMG (section 3.3): ``grad_V -= zmg * mean over (kh, kw) of grad_V``, in place.
-
-        A second call on the same gradient subtracts again; :meth:`before_optimizer_step` calls
-        it once per optimizer step.
-        """
-        grad = self.v.grad
-        if grad is None or self.zmg == 0:
-            return
-        grad.sub_(grad.mean(dim=(-2, -1), keepdim=True), alpha=self.zmg)
-
-    def before_optimizer_step(self) -> dict[str, torch.Tensor]:
-        """LUMA's gradient added to ``grad_V``, then CZMG: once per optimizer step.
-
-        Run by torch's optimizer step pre-hook (:mod:`norm_det.layers.protocol`) on the complete
-        gradient of the step. The result equals the old recipe — LUMA added to the loss of each
-        of the step's passes with the passes' weights (summing to 1), CZMG on the accumulated
-        gradient before the step — whatever the loop does. Without a task gradient (``v`` unused
-        in the forward) the gradient is LUMA's alone, as a loss term would have given.
-
-        Returns:
-            ``{"loss_luma": value}`` (detached; empty when LUMA is off), for logging.
-        """
-        values: dict[str, torch.Tensor] = {}
-        with torch.enable_grad():
-            loss = self.luma_loss()
-            if loss is not None:
-                (luma_grad,) = torch.autograd.grad(loss, self.v)
-        if loss is not None:
-            if self.v.grad is None:
-                self.v.grad = luma_grad
-            else:
-                self.v.grad.add_(luma_grad)
-            values["loss_luma"] = loss.detach()
-        self.correct_gradient()
-        return values
-
     @torch.no_grad()
     def load_plain_weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Reproduce a plain convolution exactly: ``V = W_f / ||W_f||``, ``e^g = ||W_f||``.
@@ -228,19 +277,10 @@ class CZMConv2d(nn.Conv2d):
         *not* on the CZM isocline (CZMG then only damps moves away from it). An all-zero filter
         keeps its CZM-initialised ``V`` with ``e^g`` the smallest positive normal float.
         """
-        norms = _filter_norms(weight)
-        nonzero = norms > 0
-        safe = torch.where(nonzero, norms, torch.ones_like(norms))
-        self.v.copy_(
-            torch.where(nonzero.view(-1, 1, 1, 1), weight / safe.view(-1, 1, 1, 1), self.v)
-        )
-        tiny = torch.finfo(self.g.dtype).tiny
-        self.g.copy_(torch.where(nonzero, safe, torch.full_like(norms, tiny)).log())
-        if self.bias is not None:
-            if bias is None:
-                self.bias.zero_()
-            else:
-                self.bias.copy_(bias)
+        v, g = split_plain_filters(weight, self.v, torch.finfo(self.g.dtype).tiny)
+        self.v.copy_(v)
+        self.g.copy_(g)
+        copy_plain_bias(self, bias)
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
@@ -249,11 +289,6 @@ class CZMConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", zmg={self.zmg}, luma={self.luma}"
-
-
-def _filter_norms(weight: torch.Tensor) -> torch.Tensor:
-    """L2 norm of every output filter: ``(C_out, ...) -> (C_out,)``."""
-    return torch.linalg.vector_norm(weight.flatten(1), dim=1)
 
 
 def czm_conv2d(

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from norm_det.layers.checks import check_integer, check_positive
+from norm_det.layers.checks import check_feature_maps, check_integer, check_positive
 from norm_det.layers.group_norm import DEFAULT_GROUPS, resolve_groups
 from norm_det.layers.row_blocks import (
     block_scratch,
@@ -398,14 +398,6 @@ def evonorm_b0_reference(
 # The layers
 
 
-def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
-    if x.dim() != 4 or x.shape[1] != layer.num_channels:
-        raise ValueError(
-            f"{type(layer).__name__}({layer.extra_repr()}): expected (N, {layer.num_channels}, "
-            f"H, W) input; got {tuple(x.shape)}"
-        )
-
-
 class _EvoNorm(nn.Module):
     """What EvoNorm-B0 and -S0 share: the parameters, the check of the arguments, the affine
     map of ``activation=False``."""
@@ -485,7 +477,7 @@ class EvoNormS0(_EvoNorm):
         self.groups = resolve_groups(num_channels, groups, strict, "EvoNormS0", ("EvoNorm-S0",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x)
+        check_feature_maps(self, x, self.num_channels)
         if not self.activation:
             return self._affine(x)
         weight, bias, v = (p.to(x.dtype) for p in (self.weight, self.bias, self.v))
@@ -539,7 +531,7 @@ class EvoNormB0(_EvoNorm):
         self.register_buffer("running_var", torch.ones(num_channels) if activation else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x)
+        check_feature_maps(self, x, self.num_channels)
         if not self.activation:
             return self._affine(x)
         n, _, height, width = x.shape

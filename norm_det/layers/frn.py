@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from norm_det.layers.checks import check_integer, check_positive
+from norm_det.layers.checks import check_feature_maps, check_integer, check_positive
 from norm_det.layers.row_blocks import (
     block_scratch,
     blocks,
@@ -228,11 +228,7 @@ class FilterResponseNorm2d(nn.Module):
         return self.learned_eps.abs() + self.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_channels:
-            raise ValueError(
-                f"FilterResponseNorm2d({self.extra_repr()}): expected (N, {self.num_channels}, "
-                f"H, W) input; got {tuple(x.shape)}"
-            )
+        check_feature_maps(self, x, self.num_channels)
         weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
         tau = None if self.tau is None else self.tau.to(x.dtype)
         eps = self.effective_eps()

@@ -26,6 +26,36 @@ from torch import nn
 from norm_det.layers.deconv import resolve_block, second_moments
 from norm_det.layers.distributed import all_reduce_mean, get_world_size
 from norm_det.layers.isqrt import BACKENDS, inverse_sqrt
+from norm_det.layers.norm_state import init_norm_state
+
+
+def _check_iternorm_options(iters: int, isqrt_backend: str) -> None:
+    """Raise ``ValueError`` for fewer than one iteration or an unknown inverse-sqrt backend."""
+    if iters < 1:
+        raise ValueError(f"IterNorm: iters must be >= 1; got {iters}")
+    if isqrt_backend not in BACKENDS:
+        raise ValueError(
+            f"IterNorm: isqrt_backend must be one of {BACKENDS}; got {isqrt_backend!r}"
+        )
+
+
+def group_covariance(
+    x: torch.Tensor, groups: int, eps: float, sync: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu (G, c), Sigma (G, c, c))`` of ``x: (N, C, H, W)`` over its ``N*H*W`` positions.
+
+    Per group of ``c = C / G`` contiguous channels, ``Sigma = eps I + X_c X_c^T / m``; with
+    ``sync`` the moments are averaged over the default process group (no-op without one).
+    """
+    n, channels, height, width = x.shape
+    data = x.reshape(n, groups, channels // groups, height * width)
+    mean, outer = second_moments(data)
+    if sync and get_world_size() > 1:
+        packed = all_reduce_mean(torch.cat([mean.flatten(), outer.flatten()]))
+        mean = packed[: mean.numel()].view_as(mean)
+        outer = packed[mean.numel() :].view_as(outer)
+    eye = torch.eye(channels // groups, dtype=outer.dtype, device=outer.device)
+    return mean, outer - mean[:, :, None] * mean[:, None, :] + eps * eye
 
 
 class IterNorm(nn.Module):
@@ -64,43 +94,21 @@ class IterNorm(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if iters < 1:
-            raise ValueError(f"IterNorm: iters must be >= 1; got {iters}")
-        if isqrt_backend not in BACKENDS:
-            raise ValueError(
-                f"IterNorm: isqrt_backend must be one of {BACKENDS}; got {isqrt_backend!r}"
-            )
+        _check_iternorm_options(iters, isqrt_backend)
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
         self.group_channels = resolve_block(group_channels, num_features, "IterNorm")
         self.num_groups = num_features // self.group_channels
         self.iters = iters
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
         self.sync = sync
         self.isqrt_backend = isqrt_backend
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        init_norm_state(self, num_features, eps=eps, momentum=momentum, affine=affine, **factory)
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         eye = torch.eye(self.group_channels, **factory)
         self.register_buffer("running_wm", eye.expand(self.num_groups, -1, -1).clone())
 
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu (C,), whitening (G, c, c))`` of the batch; updates the running averages."""
-        n, _, height, width = x.shape
-        data = x.reshape(n, self.num_groups, self.group_channels, height * width)
-        mean, outer = second_moments(data)
-        if self.sync and get_world_size() > 1:
-            packed = all_reduce_mean(torch.cat([mean.flatten(), outer.flatten()]))
-            mean = packed[: mean.numel()].view_as(mean)
-            outer = packed[mean.numel() :].view_as(outer)
-        eye = torch.eye(self.group_channels, dtype=outer.dtype, device=outer.device)
-        sigma = outer - mean[:, :, None] * mean[:, None, :] + self.eps * eye
+        mean, sigma = group_covariance(x, self.num_groups, self.eps, self.sync)
         if not bool(torch.isfinite(sigma.sum())):
             raise FloatingPointError(
                 f"IterNorm({self.extra_repr()}): the covariance of the layer's input is not "
@@ -164,4 +172,4 @@ class IterNorm(nn.Module):
         )
 
 
-__all__ = ["IterNorm"]
+__all__ = ["IterNorm", "group_covariance"]

@@ -57,8 +57,13 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from norm_det.layers.cbn import register_affine
-from norm_det.layers.checks import check_fraction, check_integer, check_positive
+from norm_det.layers.checks import (
+    check_feature_maps,
+    check_fraction,
+    check_integer,
+    check_positive,
+)
+from norm_det.layers.norm_state import init_norm_state, inverse_std_scale
 from norm_det.layers.weight_std import plain_conv_like
 
 
@@ -128,6 +133,50 @@ class MovingAverageNormalization(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+def second_moment_affine(
+    second_moment: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` of ``y = weight x / sqrt(second_moment + eps) + bias``, per channel."""
+    scale = inverse_std_scale(second_moment, eps, weight)
+    shift = torch.zeros_like(scale) if bias is None else bias
+    return scale, shift
+
+
+@torch.no_grad()
+def _advance_statistics(
+    norm: MovingAverageBatchNorm2d, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training iteration's statistics of ``x``; updates ``norm``'s buffers.
+
+    Counts the iteration, stores the batch's ``chi_t`` in the SMA buffer and moves the running
+    second moment towards it.
+
+    Returns:
+        ``(inv_std, ratio, use_average)``: ``1/sqrt(chi_bar + eps)`` and the renormalization
+        ``r``, both ``(C,)``, and whether the averages replace the batch's statistics (a bool
+        tensor: no Python branch, no host synchronization per layer).
+    """
+    stats = norm.running_var
+    norm.num_batches_tracked.add_(1)
+    step = norm.num_batches_tracked
+    chi = x.detach().square().mean(dim=(0, 2, 3)).to(stats)
+    slot = (step - 1).remainder(norm.buffer_size).view(1)
+    norm.chi_history.index_copy_(0, slot, chi.view(1, -1))
+    use_average = (step > norm.warmup_iters) & (step >= norm.buffer_size)
+    chi_bar = torch.where(use_average, norm.chi_history.mean(dim=0), chi)
+    inv_std = torch.rsqrt(chi_bar + norm.eps)
+    ratio = torch.ones_like(chi_bar)
+    if norm.renorm_clip is not None:
+        clip = norm.renorm_clip
+        renorm = torch.sqrt((chi_bar + norm.eps) / (stats + norm.eps)).clamp(1 / clip, clip)
+        ratio = torch.where(step > norm.renorm_warmup_iters, renorm, ratio)
+    norm.running_var.lerp_(chi, norm.momentum)
+    return inv_std, ratio, use_average
+
+
 class MovingAverageBatchNorm2d(nn.Module):
     """MABN: normalization by the moving-average second moment, with moving-average gradients.
 
@@ -182,16 +231,12 @@ class MovingAverageBatchNorm2d(nn.Module):
             raise ValueError(f"{name}: renorm_clip must be >= 1 or None; got {renorm_clip!r}")
         check_positive(name, "eps", eps)
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
+        init_norm_state(self, num_features, eps=eps, momentum=momentum, affine=affine, **factory)
         self.buffer_size = buffer_size
         self.warmup_iters = warmup_iters
         self.backward_momentum = backward_momentum
         self.renorm_clip = renorm_clip
         self.renorm_warmup_iters = renorm_warmup_iters
-        self.affine = affine
-        register_affine(self, num_features, affine, **factory)
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.register_buffer("chi_history", torch.zeros(buffer_size, num_features, **factory))
         self.register_buffer("psi_average", torch.zeros(num_features, **factory))
@@ -200,33 +245,13 @@ class MovingAverageBatchNorm2d(nn.Module):
         self.register_buffer("num_backward_tracked", torch.tensor(0, **counter))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.extra_repr()}): expected (N, {self.num_features}, "
-                f"H, W) input; got {tuple(x.shape)}"
-            )
+        check_feature_maps(self, x, self.num_features)
         if not self.training or x.numel() == 0:
             # An empty batch (a head with no boxes) has no statistics: eval transform, no update.
-            scale, shift = self._affine(self.running_var)
+            scale, shift = second_moment_affine(self.running_var, self.eps, self.weight, self.bias)
             return x * _channels(scale).to(x.dtype) + _channels(shift).to(x.dtype)
         compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        stats = self.running_var
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            step = self.num_batches_tracked
-            chi = compute.detach().square().mean(dim=(0, 2, 3)).to(stats)
-            slot = (step - 1).remainder(self.buffer_size).view(1)
-            self.chi_history.index_copy_(0, slot, chi.view(1, -1))
-            # Tensors, not Python branches: no host synchronization per layer.
-            use_average = (step > self.warmup_iters) & (step >= self.buffer_size)
-            chi_bar = torch.where(use_average, self.chi_history.mean(dim=0), chi)
-            inv_std = torch.rsqrt(chi_bar + self.eps)
-            ratio = torch.ones_like(chi_bar)
-            if self.renorm_clip is not None:
-                clip = self.renorm_clip
-                renorm = torch.sqrt((chi_bar + self.eps) / (stats + self.eps)).clamp(1 / clip, clip)
-                ratio = torch.where(step > self.renorm_warmup_iters, renorm, ratio)
-            self.running_var.lerp_(chi, self.momentum)
+        inv_std, ratio, use_average = _advance_statistics(self, compute)
         out = MovingAverageNormalization.apply(
             compute,
             self.weight,
@@ -240,17 +265,10 @@ class MovingAverageBatchNorm2d(nn.Module):
         )
         return out.to(x.dtype)
 
-    def _affine(self, second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = torch.rsqrt(second_moment + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = torch.zeros_like(scale) if self.bias is None else self.bias
-        return scale, shift
-
     @torch.no_grad()
     def folded_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval transform ``y = scale * x + shift``, per channel ``(C,)``."""
-        scale, shift = self._affine(self.running_var)
+        scale, shift = second_moment_affine(self.running_var, self.eps, self.weight, self.bias)
         return scale.clone(), shift.clone()
 
     @torch.no_grad()

@@ -44,7 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from norm_det.layers.checks import check_positive
-from norm_det.layers.weight_std import parametric_standardize_filters, plain_conv_like
+from norm_det.layers.weight_std import (
+    StandardizedConvMixin,
+    fan_in_normal_init,
+    parametric_standardize_filters,
+)
 
 # gamma_g = 1 / sqrt(Var[g(z)]), z ~ N(0, 1) (see the module docstring).
 ACTIVATION_GAMMAS = {
@@ -112,7 +116,7 @@ def scaled_activation(num_channels: int, activation: str = "relu") -> ScaledActi
     return ScaledActivation(activation, num_channels=num_channels)
 
 
-class ScaledStdConv2d(nn.Conv2d):
+class ScaledStdConv2d(StandardizedConvMixin, nn.Conv2d):
     """Convolution with scaled weight standardization and a learnable gain (NF-ResNets).
 
     Args:
@@ -158,28 +162,13 @@ class ScaledStdConv2d(nn.Conv2d):
         self.eps = eps
         self.gain = nn.Parameter(torch.ones(out_channels))
         # The release's fan-in normal init; the standardization makes the scale irrelevant.
-        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="linear")
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    @property
-    def fan_in(self) -> int:
-        """``N = C_in/groups * k_h * k_w``: the elements of one filter."""
-        return self.weight[0].numel()
+        fan_in_normal_init(self, "linear")
 
     def standardized_weight(self) -> torch.Tensor:
         """``W_hat``, the weight the convolution uses: ``(C_out, C_in/groups, k_h, k_w)``."""
         return parametric_standardize_filters(
             self.weight, self.gain * _PWS_TO_SCALED_WS, gamma=self.eps
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
-
-    @torch.no_grad()
-    def fuse(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` holding ``W_hat`` and the bias."""
-        return plain_conv_like(self, self.standardized_weight(), self.bias)
 
     @torch.no_grad()
     def load_plain_weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -188,14 +177,8 @@ class ScaledStdConv2d(nn.Conv2d):
         ``W`` takes the plain weight and ``gain`` the factor ``sqrt(N (sigma^2 + eps))`` that
         undoes the scaling, so the only change is the removal of each filter's mean.
         """
-        var = weight.flatten(1).var(dim=1, unbiased=False)
-        self.weight.copy_(weight)
+        var = self._take_plain_weights(weight, bias)
         self.gain.copy_(torch.sqrt((var + self.eps) * self.fan_in))
-        if self.bias is not None:
-            if bias is None:
-                self.bias.zero_()
-            else:
-                self.bias.copy_(bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", eps={self.eps}"

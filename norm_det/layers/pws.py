@@ -30,13 +30,78 @@ import torch
 from torch import nn
 
 from norm_det.layers.distributed import all_reduce_sum
-from norm_det.layers.weight_std import parametric_standardize_filters, plain_conv_like
+from norm_det.layers.weight_std import (
+    StandardizedConvMixin,
+    fan_in_normal_init,
+    parametric_standardize_filters,
+)
 
 # The variance that ``init_alpha`` gives the first training batch's output (the release's 2).
 INIT_ALPHA_TARGET_VARIANCE = 2.0
 
 
-class PWSConv2d(nn.Conv2d):
+def global_output_variance(output: torch.Tensor) -> float | None:
+    """The unbiased variance of all elements of ``output`` over the batches of every process.
+
+    In float64 and in two passes (the mean, then the squared deviations from it), each summed
+    over the processes. None when they hold fewer than two elements together.
+    """
+    output = output.double()
+    count_and_sum = all_reduce_sum(torch.stack([output.new_tensor(output.numel()), output.sum()]))
+    count, total = count_and_sum.tolist()
+    if count < 2:
+        return None
+    squares = all_reduce_sum((output - total / count).square().sum())
+    return float(squares) / (count - 1)
+
+
+def init_alpha_scale(output: torch.Tensor, owner: str) -> float | None:
+    """``sqrt(2 / Var)``, the factor of ``alpha`` that gives ``output`` variance 2 (``init_alpha``).
+
+    ``Var`` is :func:`global_output_variance`. None where it says nothing about the scale: fewer
+    than two elements, or an output that does not vary.
+
+    Raises:
+        FloatingPointError: the variance is NaN or Inf; the message starts with ``owner``.
+    """
+    variance = global_output_variance(output)
+    if variance is None:
+        return None
+    if not math.isfinite(variance):
+        raise FloatingPointError(
+            f"{owner}: init_alpha: the first training batch's output variance is {variance} "
+            "(NaN or Inf reached this layer)"
+        )
+    if variance == 0:
+        return None
+    return math.sqrt(INIT_ALPHA_TARGET_VARIANCE / variance)
+
+
+def _accept_other_init_alpha_setting(
+    layer: PWSConv2d,
+    state_dict: dict,
+    prefix: str,
+    had_flag: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+) -> None:
+    """After ``layer`` loaded ``state_dict``: accept a state dict of the other ``init_alpha``.
+
+    One saved without the flag carries a trained ``alpha``, not to be initialized again; a flag
+    this layer does not keep is dropped. ``had_flag``: the state dict held the flag.
+    """
+    key = prefix + "alpha_initialized"
+    if layer.init_alpha and not had_flag and prefix + "alpha" in state_dict:
+        layer.alpha_initialized.fill_(True)
+        if key in missing_keys:
+            missing_keys.remove(key)
+    if not layer.init_alpha and had_flag and key in unexpected_keys:
+        unexpected_keys.remove(key)
+    if layer.init_alpha:
+        layer._alpha_pending = not bool(layer.alpha_initialized)
+
+
+class PWSConv2d(StandardizedConvMixin, nn.Conv2d):
     """Convolution with parametric weight standardization (PWS paper, eq. 12).
 
     Args:
@@ -89,14 +154,7 @@ class PWSConv2d(nn.Conv2d):
         # for the device.
         self._alpha_pending = init_alpha
         # He initialisation, so that Var[W] starts where the paper's experiments start.
-        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    @property
-    def fan_in(self) -> int:
-        """``n = k*k*C_in/groups``: the number of elements of one filter."""
-        return self.weight[0].numel()
+        fan_in_normal_init(self, "relu")
 
     def standardized_weight(self) -> torch.Tensor:
         """``alpha_o * W_hat_o`` for every filter: ``(C_out, C_in/groups, k, k)``."""
@@ -105,7 +163,7 @@ class PWSConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._alpha_pending and self.training:
             self._initialize_alpha(x)
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+        return super().forward(x)
 
     @torch.no_grad()
     def _initialize_alpha(self, x: torch.Tensor) -> None:
@@ -113,28 +171,14 @@ class PWSConv2d(nn.Conv2d):
 
         ``alpha`` starts at 1, so this sets it to ``sqrt(2 / Var)`` as the release does. The
         variance is taken of the output without the bias (the release includes its bias,
-        which both initialize to 0), in float64 and in two passes over the batch of every
-        process. A batch whose output does not vary (an all-zero input) says nothing about the
-        scale: ``alpha`` then waits for the next training batch.
+        which both initialize to 0). A batch whose output does not vary (an all-zero input)
+        says nothing about the scale: ``alpha`` then waits for the next training batch.
         """
-        output = self._conv_forward(x, self.standardized_weight(), None).double()
-        count_and_sum = all_reduce_sum(
-            torch.stack([output.new_tensor(output.numel()), output.sum()])
-        )
-        count, total = count_and_sum.tolist()
-        if count < 2:
-            return
-        squares = all_reduce_sum((output - total / count).square().sum())
-        variance = float(squares) / (count - 1)
-        if not math.isfinite(variance):
-            raise FloatingPointError(
-                f"{type(self).__name__}({self.extra_repr()}): init_alpha: the first training "
-                f"batch's output variance is {variance} (NaN or Inf reached this layer)"
-            )
-        if variance == 0:
-            return
-        self.alpha.mul_(math.sqrt(INIT_ALPHA_TARGET_VARIANCE / variance))
-        self._mark_alpha_initialized()
+        output = self._conv_forward(x, self.standardized_weight(), None)
+        scale = init_alpha_scale(output, f"{type(self).__name__}({self.extra_repr()})")
+        if scale is not None:
+            self.alpha.mul_(scale)
+            self._mark_alpha_initialized()
 
     def _mark_alpha_initialized(self) -> None:
         self.alpha_initialized.fill_(True)
@@ -143,22 +187,13 @@ class PWSConv2d(nn.Conv2d):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ) -> None:
-        # A state dict of a layer with the other init_alpha setting loads: one saved without the
-        # flag carries a trained alpha (not to be initialized again), a flag this layer does not
-        # keep is dropped.
-        key = prefix + "alpha_initialized"
-        has_flag = key in state_dict
+        had_flag = prefix + "alpha_initialized" in state_dict
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
-        if self.init_alpha and not has_flag and prefix + "alpha" in state_dict:
-            self.alpha_initialized.fill_(True)
-            if key in missing_keys:
-                missing_keys.remove(key)
-        if not self.init_alpha and has_flag and key in unexpected_keys:
-            unexpected_keys.remove(key)
-        if self.init_alpha:
-            self._alpha_pending = not bool(self.alpha_initialized)
+        _accept_other_init_alpha_setting(
+            self, state_dict, prefix, had_flag, missing_keys, unexpected_keys
+        )
 
     @torch.no_grad()
     def load_plain_weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -167,22 +202,11 @@ class PWSConv2d(nn.Conv2d):
         ``W`` takes the plain weight and ``alpha`` the factor that restores each filter's
         scale, so the only change is the removal of each filter's mean (which PWS forbids).
         """
-        var = weight.flatten(1).var(dim=1, unbiased=False)
-        self.weight.copy_(weight)
+        var = self._take_plain_weights(weight, bias)
         # W_hat_o = sqrt(2/n) * (W_o - E[W_o]) / sqrt(var + gamma): alpha undoes both factors.
         self.alpha.copy_(torch.sqrt(var + self.gamma) / math.sqrt(2.0 / self.fan_in))
         if self.init_alpha:
             self._mark_alpha_initialized()  # the plain layer's scale, not to be re-initialized
-        if self.bias is not None:
-            if bias is None:
-                self.bias.zero_()
-            else:
-                self.bias.copy_(bias)
-
-    @torch.no_grad()
-    def fuse(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` with weight ``alpha * W_hat`` and bias ``beta``."""
-        return plain_conv_like(self, self.standardized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -12,9 +12,13 @@ ECCV 2020) standardizes with the *population* variance and adds ``eps`` inside t
 (``population``), since the two differ by ``sqrt(n / (n - 1))`` per filter, no weight can turn one
 into the other, and a network trained with one is reproduced only by the same form.
 
-The standardization itself (shared with :mod:`norm_det.layers.pws`) is one autograd function
-with the backward written out: composed of tensor ops, it made autograd record and replay every
-one of them, about ten passes over the weight per training step.
+The standardization itself (shared with :mod:`norm_det.layers.pws` and :mod:`norm_det.layers.nf`)
+is one autograd function with the backward written out: composed of tensor ops, it made autograd
+record and replay every one of them, about ten passes over the weight per training step.
+:class:`StandardizedConvMixin` holds what the three convolutions share. It is a mixin placed
+before ``nn.Conv2d``, not a subclass of it, so that ``nn.Conv2d`` stays among each class's direct
+bases: mmengine's initializers (``init_cfg=dict(type='Kaiming', layer='Conv2d')``) select modules
+by the names of their class and its direct bases.
 """
 
 from __future__ import annotations
@@ -170,7 +174,67 @@ def plain_conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | 
     return plain
 
 
-class WSConv2d(nn.Conv2d):
+@torch.no_grad()
+def copy_plain_bias(conv: nn.Module, bias: torch.Tensor | None) -> None:
+    """Set ``conv``'s bias, where it has one, to a plain layer's ``bias`` (zero if it has none)."""
+    if conv.bias is None:
+        return
+    if bias is None:
+        conv.bias.zero_()
+    else:
+        conv.bias.copy_(bias)
+
+
+def fan_in_normal_init(conv: nn.Conv2d, nonlinearity: str) -> None:
+    """He's fan-in normal init of ``conv.weight`` for ``nonlinearity``; a zero bias."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity=nonlinearity)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class StandardizedConvMixin:
+    """Makes an ``nn.Conv2d`` convolve with :meth:`standardized_weight`.
+
+    Mixed into the WS, PWS and scaled WS convolutions (``class X(StandardizedConvMixin,
+    nn.Conv2d)``), which differ only in how they standardize their filters: each defines
+    ``standardized_weight``; the forward and :meth:`fuse` use it.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def fan_in(self) -> int:
+        """``n = C_in/groups * k_h * k_w``: the number of elements of one filter."""
+        return self.weight[0].numel()
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The weight the convolution uses: ``(C_out, C_in/groups, k_h, k_w)``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no standardized_weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` holding the standardized weight and the bias."""
+        return plain_conv_like(self, self.standardized_weight(), self.bias)
+
+    @torch.no_grad()
+    def _take_plain_weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Copy a plain convolution's ``weight`` and ``bias`` in (for ``load_plain_weights``).
+
+        Returns:
+            The population variance of each plain filter, ``(C_out,)``: a subclass sets its
+            per-filter scale from it so that the standardized filter keeps the plain one's scale.
+        """
+        var = weight.flatten(1).var(dim=1, unbiased=False)
+        self.weight.copy_(weight)
+        copy_plain_bias(self, bias)
+        return var
+
+
+class WSConv2d(StandardizedConvMixin, nn.Conv2d):
     """``nn.Conv2d`` whose filters are standardized at every forward.
 
     Args:
@@ -191,17 +255,8 @@ class WSConv2d(nn.Conv2d):
         if not self.population:
             return standardize_filters(self.weight, eps=self.eps)
         # PWS's eq. 12 with alpha = sqrt(n / 2) is (W - mean) / sqrt(var + eps): one kernel.
-        fan_in = self.weight[0].numel()
-        alpha = self.weight.new_full((self.weight.shape[0],), math.sqrt(fan_in / 2))
+        alpha = self.weight.new_full((self.weight.shape[0],), math.sqrt(self.fan_in / 2))
         return parametric_standardize_filters(self.weight, alpha, gamma=self.eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
-
-    @torch.no_grad()
-    def fuse(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` holding the standardized weight."""
-        return plain_conv_like(self, self.standardized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         form = ", population=True" if self.population else ""
@@ -210,7 +265,10 @@ class WSConv2d(nn.Conv2d):
 
 __all__ = [
     "FilterStandardization",
+    "StandardizedConvMixin",
     "WSConv2d",
+    "copy_plain_bias",
+    "fan_in_normal_init",
     "parametric_standardize_filters",
     "plain_conv_like",
     "standardize_filters",

@@ -5,10 +5,12 @@
 - :mod:`~norm_det.weights.formats`: recognise a checkpoint file's framework, write any;
 - :mod:`~norm_det.weights.io`: safe reading (``weights_only``; pickles only on request);
 - :mod:`~norm_det.weights.warm_start`: start a backbone of any scheme from BN weights;
-- :mod:`~norm_det.weights.deploy`: fold everything into plain layers; ONNX export.
+- :mod:`~norm_det.weights.deploy`: fold everything into plain layers; ONNX export;
+- :mod:`~norm_det.weights.conversion`: the steps of one conversion (read, convert between
+  schemes, fuse, write), as the command line runs them.
 
-``tools/convert_weights.py`` is the command line over these; docs/weights.md and docs/deploy.md
-say what each conversion preserves, with measurements.
+``tools/convert_weights.py`` is the command line over :mod:`~norm_det.weights.conversion`;
+docs/weights.md and docs/deploy.md say what each conversion preserves, with measurements.
 """
 
 from norm_det.weights.backbones import find_backbone, infer_scheme, load_backbone_tensors

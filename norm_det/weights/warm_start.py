@@ -84,19 +84,13 @@ def warm_start(
             the converted units to (see :func:`calibrate`); None keeps the conversion as is.
     """
     reference.eval()
+    # A pre-activation ResNet's stem_norm (the PWS release's one-group GN) is its own, not the
+    # scheme's: ResNet marks it (norm_det.surgery.keep_norm), and convert keeps it.
     model = convert(copy.deepcopy(reference), get_scheme(scheme)).eval()
-    _keep_stem_norm(model, reference)
     _carry_statistics_into_whitening(model, reference)
     if calibration_images is not None:
         calibrate(model, reference, calibration_images)
     return model
-
-
-def _keep_stem_norm(model: nn.Module, reference: nn.Module) -> None:
-    """A pre-activation ResNet's ``stem_norm`` is its own, not the scheme's (the PWS release's
-    one-group GN): it stays as the reference has it, whatever ``convert`` made of the pair."""
-    if getattr(reference, "stem_norm", None) is not None and getattr(model, "stem", None):
-        model.stem.conv1.norm = copy.deepcopy(reference.stem.conv1.norm)
 
 
 @torch.no_grad()

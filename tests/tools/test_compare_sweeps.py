@@ -17,6 +17,7 @@ import tools.compare_schemes as compare
 from norm_det.config import CONFIGS_DIR
 from norm_det.evaluation.statistics import interval, paired_difference, t_quantile
 from norm_det.studies import comparison
+from norm_det.studies.comparison import runs as comparison_runs
 
 BASE = CONFIGS_DIR / "studies" / "Base-Study.yaml"
 
@@ -104,7 +105,7 @@ def test_a_sweep_over_seeds_reuses_runs_and_reports_failures(tmp_path, monkeypat
         return 40.0 + 5 * (seed - 2) - (20.0 if scheme == "BN" and batch == 1 else 0.0)
 
     fake = FakeTraining(ap, diverge={("GN", 3, 4)}, crash={("BN", 2, 4)})
-    monkeypatch.setattr(comparison, "train", fake)
+    monkeypatch.setattr(comparison_runs, "train", fake)
     assert compare.main(_sweep(tmp_path)) == 1  # a failed run: reported, the others stand
     out = capsys.readouterr().out
     assert len(fake.calls) == 12
@@ -136,7 +137,7 @@ def test_a_sweep_over_seeds_reuses_runs_and_reports_failures(tmp_path, monkeypat
 
 def test_an_interrupted_run_resumes(tmp_path, monkeypatch):
     fake = FakeTraining(lambda *_: 10.0)
-    monkeypatch.setattr(comparison, "train", fake)
+    monkeypatch.setattr(comparison_runs, "train", fake)
     half_done = tmp_path / "Base-Study_bn" / "SOLVER.IMS_PER_BATCH=1" / "seed_1"
     half_done.mkdir(parents=True)
     (half_done / "model_0000100.pth").write_bytes(b"")
@@ -166,7 +167,7 @@ def test_images_per_pass_sweeps_the_batch_a_norm_sees_all_else_equal(tmp_path, m
         seen.append((pairs.get("SOLVER.IMS_PER_BATCH"), pairs["SOLVER.ACCUMULATE_STEPS"]))
         return fake(config, output_dir, opts, extra_args, threads)
 
-    monkeypatch.setattr(comparison, "train", train)
+    monkeypatch.setattr(comparison_runs, "train", train)
     arguments = ["--base", str(BASE), "--schemes", "BN", "--seeds", "1", "--output-dir",
                  str(tmp_path), "--sweep", "IMAGES_PER_PASS"]  # fmt: skip
     assert compare.main([*arguments, "1", "2", "4"]) == 0
@@ -195,7 +196,7 @@ def test_a_run_without_predictions_scores_zero_and_a_layer_nan_is_a_divergence(
         (output_dir / "stdout.txt").write_text("ok")
         return 1.0
 
-    monkeypatch.setattr(comparison, "train", train)
+    monkeypatch.setattr(comparison_runs, "train", train)
     arguments = ["--base", str(BASE), "--schemes", "NDPP", "--seeds", "3",
                  "--output-dir", str(tmp_path), "--json", str(tmp_path / "rows.json")]  # fmt: skip
     assert compare.main(arguments) == 0

@@ -26,9 +26,11 @@ Exactly (norm_det DESIGN, "Layer semantics"):
   in training while ``freeze`` holds the statistics (:func:`computes_statistics_at`).
 
 The package reads in the algorithm's order: :mod:`.standardization` (``S``),
-:mod:`.sampling` (``X`` and its moments), :mod:`.statistics` (the schedule, block sizes,
-second moments), :mod:`.whitening` (``Cov``, ``D``, ``W' = W D`` shared by the three layers),
-:mod:`.standardized_conv` (``S`` folded into the convolution) and :mod:`.modules` (the layers).
+:mod:`.sampling` (``X``: where a convolution's patches lie, and their moments),
+:mod:`.statistics` (the schedule, block sizes, second moments, ``Cov`` and the running averages
+of ``mu`` and ``D``), :mod:`.whitening` (``D``, ``W' = W D`` and its inverse, shared by the three
+layers, with ``fuse``), :mod:`.standardized_conv` (``S`` folded into the convolution) and
+:mod:`.modules` (the layers).
 
 Where the time goes, and what keeps it small (docs/whitening.md has the measurements):
 

@@ -1,4 +1,5 @@
-"""A convolution's sampled data matrix ``X`` and its moments, in one autograd node.
+"""A convolution's sampled data matrix ``X``: where its patches lie, and its moments in one
+autograd node.
 
 Part of :mod:`norm_det.layers.deconv` (its docstring has the algorithm).
 """
@@ -6,6 +7,8 @@ Part of :mod:`norm_det.layers.deconv` (its docstring has the algorithm).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from norm_det.layers.deconv.standardization import _sample_mean_std, _sample_mean_std_grad
 from norm_det.layers.isqrt import symmetric_matmul
@@ -138,6 +141,38 @@ class _PixelSampler:
         target.transpose(0, 1)[(slice(None), *self.index)] += grad
 
 
+def _padded_input(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` padded as ``conv`` pads it, where the patches must come from a padded copy: a
+    kernel larger than 1x1 padded other than with zeros (the samplers leave zeros out)."""
+    if conv.padding_mode != "zeros" and conv.kernel_size != (1, 1):
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    return None
+
+
+def _conv_sampler(conv: nn.Conv2d, x: torch.Tensor) -> _GridSampler | _PixelSampler:
+    """Where the data matrix's samples of ``x`` (or of its padded copy) come from: patch
+    centres every ``sampling_stride * stride`` pixels, every ``s_h * s_w``-th pixel for 1x1."""
+    strides = (conv.sampling_stride * conv.stride[0], conv.sampling_stride * conv.stride[1])
+    if conv.kernel_size == (1, 1):
+        return _PixelSampler(strides[0] * strides[1], x)
+    left, right, top, bottom = conv._reversed_padding_repeated_twice
+    padding = (top, bottom, left, right) if conv.padding_mode == "zeros" else (0, 0, 0, 0)
+    return _GridSampler(conv.kernel_size, conv.dilation, padding, strides, x.shape[2:])
+
+
+def _transposed_conv_data(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """The data matrix ``(N, mats, F, L)`` of a transposed convolution: the im2col of ``x`` with
+    its kernel, dilation and "full" padding ``dilation * (k - 1) - padding`` every
+    ``sampling_stride * stride`` pixels (the inserted zeros of ``stride > 1`` left out)."""
+    mats, features = conv.running_mean.shape
+    padding = tuple(
+        max(d * (k - 1) - p, 0) for d, k, p in zip(conv.dilation, conv.kernel_size, conv.padding)
+    )
+    strides = tuple(conv.sampling_stride * s for s in conv.stride)
+    patches = F.unfold(x, conv.kernel_size, conv.dilation, padding, strides)
+    return patches.reshape(x.shape[0], mats, features, -1)
+
+
 class _GradientHandOff:
     """The input gradient of :class:`_StandardizedConv`, handed on to :class:`_SampledMoments`.
 
@@ -250,3 +285,17 @@ class _SampledMoments(torch.autograd.Function):
         grad_padded = x.new_zeros(ctx.padded_shape)
         sampler.scatter_add_(grad_padded, grad, scale)
         return grad_x, grad_padded, *none[2:]
+
+
+def _sampled_moments(
+    conv: nn.Conv2d, x: torch.Tensor, handoff: _GradientHandOff | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean ``(mats, F)`` and ``E[x x^T]`` ``(mats, F, F)`` of the sampled, standardized data
+    matrix of an ND convolution's input ``x``, and the standardization's per-sample
+    ``(scale, shift)``."""
+    padded = _padded_input(conv, x)
+    sampler = _conv_sampler(conv, x if padded is None else padded)
+    mats, features = conv.running_mean.shape
+    return _SampledMoments.apply(
+        x, padded, sampler, conv.scale_invariance, conv.eps, mats, features, handoff
+    )

@@ -1,5 +1,7 @@
-"""The per-sample standardization folded into a zero-padded convolution:
-``conv(S x, W') = conv(x, W') / sigma - (mu / sigma) conv(1, W')``.
+"""The per-sample standardization folded into a convolution:
+``conv(S x, W') = conv(x, W') / sigma - (mu / sigma) conv(1, W')``, in one autograd node for zero
+padding (:class:`_StandardizedConv`), in tensor operations otherwise
+(:func:`_standardized_conv_by_parts`).
 
 Part of :mod:`norm_det.layers.deconv` (its docstring has the algorithm).
 """
@@ -10,12 +12,13 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from norm_det.layers.deconv.sampling import _GradientHandOff
 from norm_det.layers.deconv.standardization import _AFFINE_LOOP_MAX
 
-# (one convolution backward each), which spares two passes over the activations.
-_PER_SAMPLE_WEIGHT_GRAD_MAX = 8
+# With at most this many samples the weight gradient is taken per sample (one convolution
+# backward each), which spares two passes over the activations.
 _PER_SAMPLE_WEIGHT_GRAD_MAX = 8
 
 
@@ -235,3 +238,31 @@ def _add_border(
         edge = torch.einsum("oij,cj->oc", taps, cols) - inner[:, None]
         edge = torch.tensor(interior, **like)[None, :, None] * edge[:, None, :]  # (O, H', C)
         out.index_add_(3, torch.tensor(border_cols, device=out.device), column * edge)
+
+
+def _standardized_conv_by_parts(
+    conv: nn.Conv2d,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+) -> torch.Tensor:
+    """``conv(S x, W') + b'`` as ``scale[n] conv(x, W') + b' + shift[n] conv(1, W')`` in plain
+    operations: for what :class:`_StandardizedConv` does not take (a padding other than zeros,
+    a padding given as a string)."""
+    out = conv._conv_forward(x, weight, None) * scale.view(-1, 1, 1, 1)
+    constant = bias.view(1, -1, 1, 1)
+    if shift is not None:
+        constant = constant + shift.view(-1, 1, 1, 1) * _weight_sums(conv, x, weight)
+    return out + constant
+
+
+def _weight_sums(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv(1, W')``: ``(1, O, H', W')``, or ``(1, O, 1, 1)`` without zero padding."""
+    if conv.padding_mode != "zeros":
+        # Reflect/replicate/circular padding of a constant image is constant.
+        return weight.sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+    ones = x.new_ones(1, 1, *x.shape[2:])
+    summed = weight.sum(dim=1, keepdim=True)
+    return F.conv2d(ones, summed, None, conv.stride, conv.padding, conv.dilation)

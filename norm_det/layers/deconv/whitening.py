@@ -1,5 +1,5 @@
-"""What the three layers share: statistics, the whitening matrix ``D``, the weight transform
-``W' = W D`` and its inverse.
+"""What the three layers share: the whitening matrix ``D``, the weight transform ``W' = W D``
+and its inverse, and the layer protocol built on them (``fuse``, ``load_plain_weights``).
 
 Part of :mod:`norm_det.layers.deconv` (its docstring has the algorithm).
 """
@@ -7,10 +7,19 @@ Part of :mod:`norm_det.layers.deconv` (its docstring has the algorithm).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from norm_det.layers.deconv.standardization import SCALE_INVARIANCES
-from norm_det.layers.deconv.statistics import FREEZE_SCHEDULES, computes_statistics_at
-from norm_det.layers.distributed import all_reduce_mean_moments, get_world_size
+from norm_det.layers.deconv.standardization import (
+    SCALE_INVARIANCES,
+    _with_input_standardization,
+)
+from norm_det.layers.deconv.statistics import (
+    _COUNTS_AT_LEAST_ONE,
+    _check_one_of,
+    _resolve_block,
+    _RunningStatistics,
+    second_moments,
+)
 from norm_det.layers.isqrt import BACKENDS, whiten_rows
 
 # Column layouts of a weight matrix (rows: outputs, columns: the data matrix's features).
@@ -19,147 +28,149 @@ _CHUNKED = "chunked"  # linear: column j = g * F + f (contiguous chunks)
 _PER_GROUP = "per_group"  # grouped convolution: one F x F matrix per convolution group
 
 
-class _DeconvMixin:
-    """Configuration, buffers and statistics shared by the three ND layers.
+def _init_conv_groups(
+    conv: nn.Conv2d | nn.ConvTranspose2d, block: int, sampling_stride: int, layer: str
+) -> tuple[int, int]:
+    """Set a convolution's ``sampling_stride``, ``block`` and ``_layout``; return the data
+    matrix's ``(F, mats)``.
 
-    Buffers: ``running_mean`` ``(mats, F)``, ``running_deconv`` ``(mats, F, F)`` and
-    ``num_batches_tracked`` (the freeze schedule's step counter: the number of training forwards
-    with a non-empty input, saved in the state dict so that a resumed run keeps the schedule).
+    A grouped convolution whitens each group's ``in_channels / groups`` channels with a matrix of
+    its own; otherwise the ``C / B`` interleaved groups of ``B`` channels share one matrix.
+    """
+    if sampling_stride < 1:
+        raise ValueError(f"{layer}: sampling_stride must be >= 1; got {sampling_stride}")
+    if conv.groups > 1:
+        conv.block, mats, conv._layout = conv.in_channels // conv.groups, conv.groups, _PER_GROUP
+    else:
+        conv.block = _resolve_block(block, conv.in_channels, layer, stacklevel=4)
+        mats, conv._layout = 1, _INTERLEAVED
+    conv.sampling_stride = sampling_stride
+    return conv.kernel_size[0] * conv.kernel_size[1] * conv.block, mats
+
+
+# Weight matrix <-> stack of per-matrix rows (mats, R, F).
+
+
+def _to_stack(weight: torch.Tensor, layout: str, mats: int, features: int) -> torch.Tensor:
+    """``(O, J)`` weight -> ``(mats, R, F)`` rows that ``D`` multiplies from the right."""
+    rows = weight.shape[0]
+    if layout == _PER_GROUP:
+        return weight.reshape(mats, -1, features)
+    if layout == _INTERLEAVED:
+        weight = weight.reshape(rows, features, -1).transpose(1, 2)
+    return weight.reshape(1, -1, features)
+
+
+def _from_stack(stack: torch.Tensor, rows: int, layout: str, features: int) -> torch.Tensor:
+    """The inverse of :func:`_to_stack`: ``(mats, R, F)`` -> the ``(rows, J)`` weight."""
+    if layout == _INTERLEAVED:
+        return stack.reshape(rows, -1, features).transpose(1, 2).reshape(rows, -1)
+    return stack.reshape(rows, -1)
+
+
+def _output_sums(per_row: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-stack-row values ``(mats, R)`` summed to one per output ``(O,)``."""
+    return per_row.reshape(rows, -1).sum(1)
+
+
+@torch.no_grad()
+def _unwhitened(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    deconv: torch.Tensor,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of the running-statistics transform: the ``(W, b)`` that ``mean``
+    ``(mats, F)`` and ``deconv`` ``(mats, F, F)`` turn into the plain ``(O, J)`` weight and
+    bias."""
+    rows, features = weight.shape[0], mean.shape[1]
+    weight = weight.to(deconv)
+    base = torch.zeros(rows).to(weight) if bias is None else bias.to(weight)
+    eye = torch.eye(features).to(weight)
+    if not mean.any() and torch.equal(deconv, eye.expand_as(deconv)):
+        return weight, base  # a fresh layer (what surgery converts into) is the plain one
+    stack = _to_stack(weight, layout, *mean.shape)
+    # W D = target  <=>  D W^T = target^T (D is symmetric).
+    solved = torch.linalg.solve(deconv, stack.transpose(-1, -2))
+    shift = torch.matmul(stack, mean[:, :, None]).squeeze(-1)
+    raw = _from_stack(solved.transpose(-1, -2), rows, layout, features)
+    return raw, base + _output_sums(shift, rows)
+
+
+def _options_repr(layer: _DeconvMixin) -> str:
+    """What ``extra_repr`` adds to the plain layer's: the convolutions' sampling stride, the
+    block, ``T``, ``eps``, ``S``, the sync and, when it freezes, the schedule."""
+    sampling_stride = getattr(layer, "sampling_stride", None)  # DeconvLinear takes every row
+    return (
+        ("" if sampling_stride is None else f", sampling_stride={sampling_stride}")
+        + f", block={layer.block}, iters={layer.iters}, eps={layer.eps}, "
+        f"scale_invariance={layer.scale_invariance!r}, sync={layer.sync}"
+        + (
+            f", freeze_iter={layer.freeze_iter}, freeze_schedule={layer.freeze_schedule!r}"
+            if layer.freeze
+            else ""
+        )
+    )
+
+
+class _DeconvMixin(_RunningStatistics):
+    """``S``, ``D`` and ``W' = W D`` for the three ND layers, between ``nn.Conv2d``,
+    ``nn.Linear`` or ``nn.ConvTranspose2d`` and their running statistics.
+
+    A layer sets ``block`` and ``_layout``, names the plain layer ``fuse`` returns
+    (``_plain_type``, built from its attributes ``_plain_arguments``) and, when its weight is not
+    already the ``(O, J)`` matrix of the data's columns, converts it (``_weight_matrix``,
+    ``_layer_weight``). A layer whose statistics are :func:`second_moments` of its data matrix
+    (``_data_matrix``) takes its forward's weight from :meth:`_whitened_weight_for`.
     """
 
+    block: int
     _layout: str
+    _plain_type: type[nn.Module]
+    _plain_arguments: tuple[str, ...]
 
-    def _init_deconv(
-        self,
-        *,
-        features: int,
-        mats: int,
-        iters: int,
-        eps: float,
-        momentum: float,
-        scale_invariance: str,
-        freeze: bool,
-        freeze_iter: int,
-        freeze_schedule: str,
-        sync: bool,
-        isqrt_backend: str,
-        device,
-        dtype,
+    def _init_whitening(
+        self, iters: int, eps: float, scale_invariance: str, isqrt_backend: str
     ) -> None:
         layer = type(self).__name__
-        if scale_invariance not in SCALE_INVARIANCES:
-            raise ValueError(
-                f"{layer}: scale_invariance must be one of {SCALE_INVARIANCES}; "
-                f"got {scale_invariance!r}"
-            )
-        if isqrt_backend not in BACKENDS:
-            raise ValueError(
-                f"{layer}: isqrt_backend must be one of {BACKENDS}; got {isqrt_backend!r}"
-            )
-        if iters < 1 or freeze_iter < 1:
-            raise ValueError(f"{layer}: iters and freeze_iter must be >= 1")
-        if freeze_schedule not in FREEZE_SCHEDULES:
-            raise ValueError(
-                f"{layer}: freeze_schedule must be one of {FREEZE_SCHEDULES}; "
-                f"got {freeze_schedule!r}"
-            )
-        self.features = features
+        _check_one_of(layer, "scale_invariance", scale_invariance, SCALE_INVARIANCES)
+        _check_one_of(layer, "isqrt_backend", isqrt_backend, BACKENDS)
+        if iters < 1:
+            raise ValueError(f"{layer}: {_COUNTS_AT_LEAST_ONE}")
         self.iters = iters
         self.eps = eps
-        self.momentum = momentum
         self.scale_invariance = scale_invariance
-        self.freeze = freeze
-        self.freeze_iter = freeze_iter
-        self.freeze_schedule = freeze_schedule
-        self.sync = sync
         self.isqrt_backend = isqrt_backend
-        factory = {"device": device, "dtype": dtype}
-        self.register_buffer("running_mean", torch.zeros(mats, features, **factory))
-        eye = torch.eye(features, **factory).expand(mats, features, features)
-        self.register_buffer("running_deconv", eye.clone())
-        self.register_buffer(
-            "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-        )
 
-    def _describe(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
+    def extra_repr(self) -> str:
+        return super().extra_repr() + _options_repr(self)
 
-    def _deconv_repr(self) -> str:
-        return (
-            f", block={self.block}, iters={self.iters}, eps={self.eps}, "
-            f"scale_invariance={self.scale_invariance!r}, sync={self.sync}"
-            + (
-                f", freeze_iter={self.freeze_iter}, freeze_schedule={self.freeze_schedule!r}"
-                if self.freeze
-                else ""
-            )
-        )
+    def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's weight as the ``(O, J)`` matrix acting on the data's columns."""
+        return weight
 
-    def _computes_statistics(self, samples: int) -> bool:
-        """Whether this forward estimates fresh statistics (advances the freeze schedule)."""
-        if not self.training or samples == 0:
-            return False
-        self.num_batches_tracked.add_(1)
-        if not self.freeze:
-            return True
-        # Counted as the releases count: the first training forward is step 1.
-        step = int(self.num_batches_tracked)
-        return computes_statistics_at(step, self.freeze_iter, self.freeze_schedule)
+    def _layer_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_weight_matrix`."""
+        return matrix
 
-    def _covariance(
-        self, mean: torch.Tensor, outer: torch.Tensor
+    def whitened_weight(
+        self, mean: torch.Tensor | None = None, cov: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mu, Cov)`` from a batch's ``mean`` ``(mats, F)`` and ``E[x x^T]``
-        ``(mats, F, F)``, averaged over processes when syncing; updates the running mean."""
-        if self.sync and get_world_size() > 1:
-            # Upper triangles only: E[x x^T] is symmetric (half the bytes, the same numbers).
-            mean, outer = all_reduce_mean_moments(mean, outer)
-        cov = torch.baddbmm(outer, mean[:, :, None], mean[:, None, :], alpha=-1)
-        cov.diagonal(dim1=-2, dim2=-1).add_(self.eps)
-        # One reduction: any NaN or Inf (or an overflow) makes the sum non-finite.
-        if not bool(torch.isfinite(cov.sum())):
-            raise FloatingPointError(
-                f"{self._describe()}: the covariance of the layer's input is not finite "
-                "(NaN or Inf reached this layer); lower the learning rate or check the data"
-            )
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-        return mean, cov
+        """``(W', b')`` in the layer's own weight layout for a batch's ``(mu, Cov)``, by
+        default for the running statistics."""
+        mean, deconv = self._statistics(mean, cov)
+        weight = self._weight_matrix(self.weight)
+        weight, bias = self._whiten(weight, self.bias, mean, deconv, cov)
+        return self._layer_weight(weight), bias
 
-    def _statistics(
-        self, mean: torch.Tensor | None, cov: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(mu, D)`` for :meth:`whitened_weight`: ``D`` None where a batch's ``cov`` gives it;
-        the running statistics by default, copied when a graph is recorded: it keeps them for
-        the backward, and a later forward of this layer in the same step (a head shared by the
-        FPN levels, with fresh statistics on that call) updates them in place."""
-        deconv = self.running_deconv if cov is None else None
-        if mean is None:
-            mean = self.running_mean
-            if torch.is_grad_enabled():
-                mean = mean.clone()
-                deconv = None if deconv is None else deconv.clone()
-        return mean, deconv
-
-    # Weight matrix <-> stack of per-matrix rows (mats, R, F).
-
-    def _to_stack(self, weight: torch.Tensor) -> torch.Tensor:
-        """``(O, J)`` weight -> ``(mats, R, F)`` rows that ``D`` multiplies from the right."""
-        rows = weight.shape[0]
-        if self._layout == _PER_GROUP:
-            return weight.reshape(self.running_mean.shape[0], -1, self.features)
-        if self._layout == _INTERLEAVED:
-            weight = weight.reshape(rows, self.features, -1).transpose(1, 2)
-        return weight.reshape(1, -1, self.features)
-
-    def _from_stack(self, stack: torch.Tensor, rows: int) -> torch.Tensor:
-        if self._layout == _INTERLEAVED:
-            return stack.reshape(rows, -1, self.features).transpose(1, 2).reshape(rows, -1)
-        return stack.reshape(rows, -1)
-
-    def _output_sums(self, per_row: torch.Tensor, rows: int) -> torch.Tensor:
-        """Per-stack-row values ``(mats, R)`` summed to one per output ``(O,)``."""
-        return per_row.reshape(rows, -1).sum(1)
+    def _whitened_weight_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W', b')`` of a forward of the (standardized) ``x``: from its data matrix
+        (``_data_matrix``) when this step estimates statistics, else the running ones."""
+        if self._computes_statistics(x.shape[0]):
+            moments = second_moments(self._data_matrix(x))
+            return self.whitened_weight(*self._covariance(*moments))
+        return self.whitened_weight()
 
     def _whiten(
         self,
@@ -175,7 +186,7 @@ class _DeconvMixin:
         ``running_deconv``).
         """
         rows = weight.shape[0]
-        stack = self._to_stack(weight)
+        stack = _to_stack(weight, self._layout, *self.running_mean.shape)
         if cov is None:
             stack = torch.matmul(stack, deconv)
         else:
@@ -189,27 +200,37 @@ class _DeconvMixin:
             )
             with torch.no_grad():
                 self.running_deconv.lerp_(deconv, self.momentum)
-        shift = self._output_sums(torch.matmul(stack, mean[:, :, None]).squeeze(-1), rows)
+        shift = _output_sums(torch.matmul(stack, mean[:, :, None]).squeeze(-1), rows)
         new_bias = -shift if bias is None else bias - shift
-        return self._from_stack(stack, rows), new_bias
+        return _from_stack(stack, rows, self._layout, self.features), new_bias
+
+    # The layer protocol (norm_det.layers): fold into the plain layer, and back.
 
     @torch.no_grad()
-    def _unwhiten(
-        self, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(W, b)`` whose running-statistics transform is the plain ``(weight, bias)``."""
-        rows = weight.shape[0]
-        weight = weight.to(self.running_deconv)
-        base = torch.zeros(rows).to(weight) if bias is None else bias.to(weight)
-        eye = torch.eye(self.features).to(weight)
-        if not self.running_mean.any() and torch.equal(
-            self.running_deconv, eye.expand_as(self.running_deconv)
-        ):
-            return weight, base  # a fresh layer (what surgery converts into) is the plain one
-        stack = self._to_stack(weight)
-        # W D = target  <=>  D W^T = target^T (D is symmetric).
-        solved = torch.linalg.solve(self.running_deconv, stack.transpose(-1, -2))
-        shift = torch.matmul(stack, self.running_mean[:, :, None]).squeeze(-1)
-        return self._from_stack(solved.transpose(-1, -2), rows), base + self._output_sums(
-            shift, rows
+    def fuse(self) -> nn.Module:
+        """The plain layer (``nn.Conv2d``, ``nn.Linear`` or ``nn.ConvTranspose2d``) with ``W'``,
+        ``b'`` from the running statistics.
+
+        With scale invariance it standardizes each input sample in a forward pre-hook first.
+        """
+        weight, bias = self.whitened_weight()
+        geometry = {name: getattr(self, name) for name in self._plain_arguments}
+        plain = self._plain_type(**geometry, bias=True).to(weight)
+        plain.weight.copy_(weight)
+        plain.bias.copy_(bias)
+        return _with_input_standardization(plain, self.scale_invariance, self.eps)
+
+    @torch.no_grad()
+    def load_plain_weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Set ``W``, ``b`` so that the running-statistics layer computes the plain layer.
+
+        Exact for ND; with scale invariance the input is standardized first, which no weight
+        can undo. A layer without bias cannot absorb a nonzero ``b' + sum W' mu``.
+        """
+        matrix = self._weight_matrix(weight)
+        raw, raw_bias = _unwhitened(
+            matrix, bias, self.running_mean, self.running_deconv, self._layout
         )
+        self.weight.copy_(self._layer_weight(raw))
+        if self.bias is not None:
+            self.bias.copy_(raw_bias)
