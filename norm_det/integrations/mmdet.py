@@ -38,13 +38,12 @@ is imported only by its models.
 
 from __future__ import annotations
 
-import inspect
 import re
 import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -54,7 +53,6 @@ from torch import nn
 from norm_det.schemes import (
     Scheme,
     available_schemes,
-    build_conv,
     build_norm,
     get_scheme,
     scheme_options,
@@ -162,38 +160,38 @@ class _SchemeNormType:
         return slot
 
 
-# nn.Conv2d's arguments, which mmcv's build_conv_layer passes (by position or by keyword) beside
-# the keys of the conv_cfg, which are the scheme's options.
-_CONV2D = inspect.Signature(
-    [
-        p
-        for p in inspect.signature(nn.Conv2d).parameters.values()
-        if p.name not in ("device", "dtype")
-    ]
-)
-
-
 class _SchemeConvType:
-    """Base of the registered conv types, called with ``nn.Conv2d``'s arguments.
-
-    ``T(...)`` builds the scheme's convolution as :func:`norm_det.schemes.build_conv` builds a lone
-    one of a scheme that replaces them.
-    """
+    """Base of the registered conv types, called with ``nn.Conv2d``'s arguments."""
 
     scheme: str = ""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> nn.Module:
-        options = {key: kwargs.pop(key) for key in list(kwargs) if key not in _CONV2D.parameters}
-        bound = _CONV2D.bind(*args, **kwargs)
-        bound.apply_defaults()
-        conv = bound.arguments
+    def __new__(
+        cls,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        **options: Any,
+    ) -> nn.Module:
         scheme = _scheme_for(cls.scheme, cls.__name__, options)
-        padding_mode = conv.pop("padding_mode")
-        if padding_mode != "zeros":  # passed on only when asked for: not every conv takes it
-            scheme = replace(scheme, conv=partial(scheme.conv, padding_mode=padding_mode))
-        # A norm-free scheme's conv takes over the shift of the norm it replaces.
-        conv["bias"] = bool(conv["bias"]) or bool(scheme.conv_bias)
-        return build_conv(replace(scheme, replaces_lone_convs=True), **conv)
+        extra = {} if padding_mode == "zeros" else {"padding_mode": padding_mode}
+        return scheme.conv(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            # A norm-free scheme's conv takes over the shift of the norm it replaces.
+            bias=bool(bias) or bool(scheme.conv_bias),
+            **extra,
+        )
 
 
 def _norm_type(scheme_name: str, type_name: str) -> type:

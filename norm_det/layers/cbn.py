@@ -78,7 +78,7 @@ from norm_det.layers.checks import (
     check_integer,
     check_positive,
 )
-from norm_det.layers.norm_state import init_norm_state, inverse_std_scale, register_affine
+from norm_det.layers.norm_state import init_norm_state, inverse_std_scale
 
 # {parameter name: (dmu/dp, dsigma^2/dp, p)}, per output channel, all detached.
 Taylor = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -428,5 +428,4 @@ class CrossIterationBatchNorm2d(_PairedNorm):
         )
 
 
-# register_affine lived here; MABN and IterNorm share it from norm_det.layers.norm_state.
-__all__ = ["CrossIterationBatchNorm2d", "register_affine"]
+__all__ = ["CrossIterationBatchNorm2d"]

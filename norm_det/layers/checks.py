@@ -22,6 +22,12 @@ def check_positive(owner: str, arg: str, value: float) -> None:
         raise ValueError(f"{owner}: {arg} must be > 0; got {value!r}")
 
 
+def check_one_of(owner: str, arg: str, value: object, choices: tuple) -> None:
+    """``ValueError`` naming ``owner`` and ``arg`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{owner}: {arg} must be one of {choices}; got {value!r}")
+
+
 def check_feature_maps(layer: object, x: object, channels: int) -> None:
     """``ValueError`` naming ``layer`` (its class and ``extra_repr``) unless ``x`` is a
     ``(N, channels, H, W)`` tensor."""
@@ -32,4 +38,10 @@ def check_feature_maps(layer: object, x: object, channels: int) -> None:
         )
 
 
-__all__ = ["check_feature_maps", "check_fraction", "check_integer", "check_positive"]
+__all__ = [
+    "check_feature_maps",
+    "check_fraction",
+    "check_integer",
+    "check_one_of",
+    "check_positive",
+]

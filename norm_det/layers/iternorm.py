@@ -23,20 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from norm_det.layers.checks import check_integer, check_one_of
 from norm_det.layers.deconv import resolve_block, second_moments
 from norm_det.layers.distributed import all_reduce_mean, get_world_size
 from norm_det.layers.isqrt import BACKENDS, inverse_sqrt
 from norm_det.layers.norm_state import init_norm_state
-
-
-def _check_iternorm_options(iters: int, isqrt_backend: str) -> None:
-    """Raise ``ValueError`` for fewer than one iteration or an unknown inverse-sqrt backend."""
-    if iters < 1:
-        raise ValueError(f"IterNorm: iters must be >= 1; got {iters}")
-    if isqrt_backend not in BACKENDS:
-        raise ValueError(
-            f"IterNorm: isqrt_backend must be one of {BACKENDS}; got {isqrt_backend!r}"
-        )
 
 
 def group_covariance(
@@ -94,7 +85,8 @@ class IterNorm(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_iternorm_options(iters, isqrt_backend)
+        check_integer("IterNorm", "iters", iters, 1)
+        check_one_of("IterNorm", "isqrt_backend", isqrt_backend, BACKENDS)
         factory = {"device": device, "dtype": dtype}
         self.group_channels = resolve_block(group_channels, num_features, "IterNorm")
         self.num_groups = num_features // self.group_channels

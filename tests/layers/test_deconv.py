@@ -428,6 +428,7 @@ def test_block_that_does_not_divide_falls_back_to_gcd_with_one_warning() -> None
         layer(torch.randn(2, 96, 6, 6))
     assert layer.block == 32 and layer.features == 9 * 32
     assert len(caught) == 1 and "gcd" in str(caught[0].message)
+    assert caught[0].filename == __file__  # the warning points at the code that built the layer
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert DeconvConv2d(3, 8, 3, block=64).block == 3  # fewer channels than a block

@@ -166,7 +166,7 @@ def test_group_channels_fall_back_to_gcd_with_one_warning() -> None:
         layer = IterNorm(96)
         layer(torch.randn(2, 96, 3, 3))
     assert layer.group_channels == 32 and layer.running_wm.shape == (3, 32, 32)
-    assert len(caught) == 1
+    assert len(caught) == 1 and caught[0].filename == __file__
 
 
 def test_bad_input() -> None:

@@ -11,18 +11,11 @@ import warnings
 
 import torch
 
+from norm_det.layers.checks import check_integer, check_one_of
 from norm_det.layers.distributed import all_reduce_mean_moments, get_world_size
 from norm_det.layers.isqrt import symmetric_matmul
 
 FREEZE_SCHEDULES = ("ndpp", "iclr2020")
-# The one message for both counts (the layers' release checked them together).
-_COUNTS_AT_LEAST_ONE = "iters and freeze_iter must be >= 1"
-
-
-def _check_one_of(layer: str, arg: str, value: str, choices: tuple[str, ...]) -> None:
-    """``ValueError`` naming ``layer`` and ``arg`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{layer}: {arg} must be one of {choices}; got {value!r}")
 
 
 def computes_statistics_at(step: int, freeze_iter: int, schedule: str = "ndpp") -> bool:
@@ -45,18 +38,13 @@ def computes_statistics_at(step: int, freeze_iter: int, schedule: str = "ndpp") 
     raise ValueError(f"freeze_schedule must be one of {FREEZE_SCHEDULES}; got {schedule!r}")
 
 
-def resolve_block(block: int, channels: int, layer: str) -> int:
+def resolve_block(block: int, channels: int, layer: str, *, stacklevel: int = 3) -> int:
     """The block size actually used: at most ``channels``, and dividing it.
 
     A block that does not divide the channels falls back to ``gcd(block, channels)`` with one
-    warning (per layer).
+    warning (per layer), ``stacklevel`` frames up (this function is 1; the default points at the
+    code that built the layer calling it), however many helpers lie between.
     """
-    return _resolve_block(block, channels, layer, stacklevel=4)
-
-
-def _resolve_block(block: int, channels: int, layer: str, stacklevel: int) -> int:
-    """:func:`resolve_block` with its warning ``stacklevel`` frames up (this function is 1), so
-    that it points at the code that built the layer, however many helpers lie between."""
     if block < 1:
         raise ValueError(f"{layer}: block must be >= 1; got {block}")
     if block >= channels:
@@ -136,9 +124,8 @@ class _RunningStatistics:
         self, momentum: float, freeze: bool, freeze_iter: int, freeze_schedule: str, sync: bool
     ) -> None:
         layer = type(self).__name__
-        if freeze_iter < 1:
-            raise ValueError(f"{layer}: {_COUNTS_AT_LEAST_ONE}")
-        _check_one_of(layer, "freeze_schedule", freeze_schedule, FREEZE_SCHEDULES)
+        check_integer(layer, "freeze_iter", freeze_iter, 1)
+        check_one_of(layer, "freeze_schedule", freeze_schedule, FREEZE_SCHEDULES)
         self.momentum = momentum
         self.freeze = freeze
         self.freeze_iter = freeze_iter

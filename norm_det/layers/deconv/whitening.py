@@ -9,15 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from norm_det.layers.checks import check_integer, check_one_of
 from norm_det.layers.deconv.standardization import (
     SCALE_INVARIANCES,
     _with_input_standardization,
 )
 from norm_det.layers.deconv.statistics import (
-    _COUNTS_AT_LEAST_ONE,
-    _check_one_of,
-    _resolve_block,
     _RunningStatistics,
+    resolve_block,
     second_moments,
 )
 from norm_det.layers.isqrt import BACKENDS, whiten_rows
@@ -37,12 +36,11 @@ def _init_conv_groups(
     A grouped convolution whitens each group's ``in_channels / groups`` channels with a matrix of
     its own; otherwise the ``C / B`` interleaved groups of ``B`` channels share one matrix.
     """
-    if sampling_stride < 1:
-        raise ValueError(f"{layer}: sampling_stride must be >= 1; got {sampling_stride}")
+    check_integer(layer, "sampling_stride", sampling_stride, 1)
     if conv.groups > 1:
         conv.block, mats, conv._layout = conv.in_channels // conv.groups, conv.groups, _PER_GROUP
     else:
-        conv.block = _resolve_block(block, conv.in_channels, layer, stacklevel=4)
+        conv.block = resolve_block(block, conv.in_channels, layer, stacklevel=4)
         mats, conv._layout = 1, _INTERLEAVED
     conv.sampling_stride = sampling_stride
     return conv.kernel_size[0] * conv.kernel_size[1] * conv.block, mats
@@ -134,10 +132,9 @@ class _DeconvMixin(_RunningStatistics):
         self, iters: int, eps: float, scale_invariance: str, isqrt_backend: str
     ) -> None:
         layer = type(self).__name__
-        _check_one_of(layer, "scale_invariance", scale_invariance, SCALE_INVARIANCES)
-        _check_one_of(layer, "isqrt_backend", isqrt_backend, BACKENDS)
-        if iters < 1:
-            raise ValueError(f"{layer}: {_COUNTS_AT_LEAST_ONE}")
+        check_one_of(layer, "scale_invariance", scale_invariance, SCALE_INVARIANCES)
+        check_one_of(layer, "isqrt_backend", isqrt_backend, BACKENDS)
+        check_integer(layer, "iters", iters, 1)
         self.iters = iters
         self.eps = eps
         self.scale_invariance = scale_invariance
