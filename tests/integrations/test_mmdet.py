@@ -168,6 +168,15 @@ def test_conv_type_builds_the_scheme_conv(scheme: str) -> None:
     assert conv(x).shape == (2, 16, 5, 5)
 
 
+def test_conv_type_passes_a_padding_mode_on_by_keyword_or_position() -> None:
+    by_keyword = build_conv_layer(dict(type="GNWSConv"), 4, 4, 3, padding=1, padding_mode="reflect")
+    by_position = build_conv_layer(dict(type="GNWSConv"), 4, 4, 3, 1, 1, 1, 1, True, "reflect")
+    for conv in (by_keyword, by_position):
+        assert conv.padding_mode == "reflect" and conv.padding == (1, 1)
+    x = torch.randn(1, 4, 6, 6)
+    torch.testing.assert_close(by_keyword.fuse()(x), by_keyword(x), rtol=1e-4, atol=1e-5)
+
+
 def test_conv_type_options() -> None:
     conv = build_conv_layer(dict(type="PWSConv", gamma=1e-3), 4, 4, 3)
     assert conv.gamma == 1e-3 and conv.bias is not None
