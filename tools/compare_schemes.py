@@ -166,7 +166,7 @@ def _one_seed(args: argparse.Namespace, configs: Sequence[Path]) -> int:
                 config, args.iters, args.eval_period, args.seed, args.log_period
             )
             print(f"[{index}/{len(configs)}] training {config.name} -> {run_dir}", flush=True)
-            wall = comparison.train(config, run_dir, [*opts, *args.opts])
+            wall = comparison.runs.train(config, run_dir, [*opts, *args.opts])
             print(f"    done in {wall / 60:.1f} min", flush=True)
         records = comparison.read_metrics(run_dir / "metrics.jsonl")
         runs[label] = records

@@ -28,6 +28,7 @@ Names forgive case and separators (``"GN+WS"`` == ``"gn_ws"`` == ``"gnws"``, ``"
 
 from __future__ import annotations
 
+from norm_det.schemes import builtin as _builtin  # noqa: F401  (registers the built-in schemes)
 from norm_det.schemes.builders import (
     build_conv,
     build_conv_norm,
@@ -39,8 +40,6 @@ from norm_det.schemes.builders import (
     pair_norm,
     predictor_scheme,
 )
-from norm_det.schemes.builtin import _DEFAULT_GROUPS as _DEFAULT_GROUPS
-from norm_det.schemes.builtin import _DefaultGroups as _DefaultGroups
 from norm_det.schemes.registry import _REGISTRY as _REGISTRY
 from norm_det.schemes.registry import (
     NormFactory,

@@ -185,8 +185,13 @@ def _option_fixed(factory: Callable[..., Scheme], option: str, value: Any) -> Ca
         return factory(**options, **{option: value})
 
     signature = inspect.signature(factory)
-    kept = [p for p in signature.parameters.values() if p.name != option]
+    kept = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in signature.parameters.values()
+        if p.name != option
+    ]
     fixed.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined]
+    fixed.__name__ = fixed.__qualname__ = f"{factory.__name__}_{option}_{value}"
     return fixed
 
 

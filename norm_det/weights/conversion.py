@@ -143,12 +143,10 @@ def finish_backbone(
 def model_from_config(config_file: str, opts: list[str] | None = None) -> tuple[CfgNode, nn.Module]:
     """``(cfg, model)``: the norm_det model of ``config_file`` (with ``KEY VALUE`` overrides
     ``opts``), built on the CPU, in eval mode."""
-    from norm_det.config import get_cfg
+    from norm_det.config import load_config
     from norm_det.modeling import build_model
 
-    cfg = get_cfg()
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts or [])
+    cfg = load_config(config_file, opts or ())
     cfg.MODEL.DEVICE = "cpu"
     return cfg, build_model(cfg).eval()
 

@@ -28,8 +28,6 @@ from norm_det.studies.comparison.plans import (
     scheme_slug,
     seed_list,
 )
-from norm_det.studies.comparison.plots import _is_number as _is_number
-from norm_det.studies.comparison.plots import _save as _save
 from norm_det.studies.comparison.plots import plot_curves, plot_mean_curves, plot_sweep
 from norm_det.studies.comparison.records import (
     HEADLINE_METRICS,
@@ -51,8 +49,6 @@ from norm_det.studies.comparison.runs import (
     run_sweep,
     train,
 )
-from norm_det.studies.comparison.tables import _cell as _cell
-from norm_det.studies.comparison.tables import _evaluated_empty as _evaluated_empty
 from norm_det.studies.comparison.tables import (
     collect,
     interval_table,

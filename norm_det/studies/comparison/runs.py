@@ -113,7 +113,7 @@ def run_sweep(
     """Train the runs that are not finished, ``jobs`` at a time; returns every run's state.
 
     A progress line per run says which it is, of how many, and about how long the rest takes
-    (the mean time of the runs trained so far).
+    (the time elapsed so far per finished run, times the runs left).
     """
     states: dict[Run, dict] = {}
     todo = []
@@ -127,13 +127,11 @@ def run_sweep(
         log(f"{len(runs) - len(todo)} of {len(runs)} runs already finished: reused")
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     started = time.perf_counter()
-    times: list[float] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(execute, run, opts_of(run), threads): run for run in todo}
         for count, future in enumerate(concurrent.futures.as_completed(futures), start=1):
             run = futures[future]
             state = states[run] = future.result()
-            times.append(state["wall_time_s"])
             left = (len(todo) - count) * (time.perf_counter() - started) / count
             outcome = (
                 "diverged" if state["diverged"] else state["status"]
