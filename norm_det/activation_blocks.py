@@ -125,7 +125,6 @@ class _LeavesOutCarriedReLUs:
     """Mixin: the block's units, with the ReLU left out after a norm that carries it."""
 
     _units: BlockUnits
-    _model_class: type[nn.Module]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The framework block's function, the ReLU after a carrying norm left out."""
@@ -151,7 +150,6 @@ def _leaving_out(model_class: type[nn.Module]) -> type[nn.Module]:
         _LeavesOutCarriedReLUs,
         model_class,
         _units=_units_of_class(model_class),
-        _model_class=model_class,
     )
 
 

@@ -77,7 +77,8 @@ def test_convert_to_nd_reproduces_the_release_stem_in_float64() -> None:
         assert relative_error(converted.stem(x), reference.stem(x)) < 1e-12
 
 
-def test_a_kept_norm_a_conv_holds_or_a_lone_one_stays() -> None:
+@pytest.mark.parametrize("scheme", ["GN", "none"])
+def test_a_kept_norm_a_conv_holds_or_a_lone_one_stays(scheme: str) -> None:
     torch.manual_seed(0)
     held = keep_norm(nn.BatchNorm2d(32))
     lone = keep_norm(nn.BatchNorm2d(32))
@@ -88,13 +89,41 @@ def test_a_kept_norm_a_conv_holds_or_a_lone_one_stays() -> None:
         nn.Conv2d(32, 32, 3, padding=1, bias=False),
         nn.BatchNorm2d(32),
     )
-    convert(model, "GN")
+    convert(model, scheme)
     assert model[0].norm is held and type(held) is nn.BatchNorm2d
     assert model[1] is lone and type(lone) is nn.BatchNorm2d and type(model[2]) is nn.ReLU
-    assert isinstance(model[4], nn.GroupNorm)  # an unmarked norm is the scheme's
+    # An unmarked norm is the scheme's (none: folded into its convolution).
+    assert isinstance(model[4], nn.GroupNorm if scheme == "GN" else nn.Identity)
 
 
 def test_keep_norm_refuses_what_is_no_norm() -> None:
     with pytest.raises(ValueError, match=r"keep_norm: expected a 2-d norm layer .*got ReLU"):
         keep_norm(nn.ReLU())
     assert not is_kept_norm(None) and not is_kept_norm(nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize("scheme", ["none", "PWS", "GN"])
+def test_warm_start_applies_a_bn_stem_norm_once(scheme: str) -> None:
+    # A BN stem_norm could be folded into the stem convolution; kept, it must not also be
+    # folded (before keep_norm, warm_start restored it after convert had folded it: twice).
+    from norm_det.weights.warm_start import warm_start
+
+    torch.manual_seed(0)
+    shape = dict(_SHAPE, stem_norm="BN")
+    net = ResNet(norm="BN", **shape).eval()
+    bn = net.stem.conv1.norm
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1.0, 1.0)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    model = warm_start(net, scheme)
+    stem = model.stem.conv1
+    assert type(stem.norm) is nn.BatchNorm2d and is_kept_norm(stem.norm)
+    assert torch.equal(stem.norm.running_mean, bn.running_mean)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = F.max_pool2d(F.relu(bn(stem.conv(x))), 3, 2, 1)
+        torch.testing.assert_close(model.stem(x), expected)
+        if scheme != "PWS":  # a plain stem convolution keeps its weights: the stem is the same
+            torch.testing.assert_close(model.stem(x), net.stem(x), rtol=1e-5, atol=1e-5)

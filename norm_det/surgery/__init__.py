@@ -45,6 +45,8 @@ weights), :mod:`~norm_det.surgery.predictors`, :mod:`~norm_det.surgery.kept_norm
 :mod:`~norm_det.surgery.pairs` (conv+norm pairs and ReLU slots among a parent's children),
 :mod:`~norm_det.surgery.units` (one pair converted), :mod:`~norm_det.surgery.lone_layers`,
 :mod:`~norm_det.surgery.framework_convs` (convolutions that apply their own norm),
+:mod:`~norm_det.surgery.selection` (``include`` / ``exclude``),
+:mod:`~norm_det.surgery.placement` (a new layer in an old one's place),
 :mod:`~norm_det.surgery.converter` (the walk, :func:`convert`),
 :mod:`~norm_det.surgery.residual` and :mod:`~norm_det.surgery.fusing` (:func:`fuse`).
 """
