@@ -12,7 +12,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per pytest-xdist worker (and per process it starts): OpenMP workers of
     # several processes that share the cores spin against each other (20-30x slower).
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_name, "1")
+        os.environ[_name] = "1"
     torch.set_num_threads(1)
 
 
